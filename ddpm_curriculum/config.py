@@ -1,0 +1,410 @@
+"""Typed experiment configs: JSON file → dataclasses, with overrides and validation.
+
+The JSON file *is* the experiment (one section per dataclass below); the command line only sets
+run-level things, plus dotted overrides ``--set train.lr=2e-4``. Everything the user can get wrong
+is rejected with a one-line :class:`~ddpm_curriculum.errors.UserError` that names the key path, the
+bad value and the valid choices (and the nearest key for typos). Keys starting with ``_`` are
+comments and are dropped. ``"dataset": "celeba32"`` (the seeds' shorthand) means
+``"dataset": {"name": "celeba32"}``.
+
+Each field carries its documentation in ``metadata["doc"]``; ``docs/config.md`` is generated from
+it (``python -m ddpm_curriculum.config --markdown``) and a test keeps the two in sync.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+def opt(default, doc: str, *, choices=None, lo=None, hi=None, lo_open=False):
+    """A config field: default, documentation, and the allowed values or numeric range."""
+    meta = {"doc": doc, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DatasetConfig:
+    name: str = opt("twoscale", "Dataset: `twoscale` (built-in, no download), `cifar10`, `celeba` "
+                    "(`celeba32`/`celeba64` fix image_size), `image_folder`.",
+                    choices=["twoscale", "cifar10", "celeba", "celeba32", "celeba64", "image_folder"])
+    root: str | None = opt(None, "Dataset location; null = from `.env`/environment "
+                           "(`CIFAR10_PATH`, `CELEBA_PATH`, `DATA_ROOT`).")
+    image_size: int | None = opt(None, "Side length in pixels; null = dataset default "
+                                 "(twoscale 16, cifar10 32, celeba 64). Required for image_folder.", lo=4)
+    random_flip: bool | None = opt(None, "Random horizontal flip while training; null = on for "
+                                   "natural images, off for twoscale (it would break the prototypes).")
+    download: bool = opt(False, "Download CIFAR-10 when it is missing (needs internet).")
+    channels: int = opt(3, "twoscale: image channels.", lo=1)
+    k1: int = opt(4, "twoscale: number of major classes (low-frequency prototypes).", lo=1)
+    k2: int = opt(4, "twoscale: minor sub-classes per major class (high-frequency prototypes).", lo=1)
+    alpha1: float = opt(0.6, "twoscale: amplitude of the major (coarse) feature.", lo=0.0)
+    alpha2: float = opt(0.15, "twoscale: amplitude of the minor (fine) feature.", lo=0.0)
+    sigma0: float = opt(0.05, "twoscale: per-pixel Gaussian noise std.", lo=0.0)
+    num_samples: int = opt(16384, "twoscale: samples per epoch (sample i is a fixed function of (seed, i)).", lo=1)
+    seed: int = opt(0, "twoscale: seed of the prototypes and samples.", lo=0)
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = opt(1000, "Number of diffusion steps T.", lo=2)
+    beta_start: float = opt(1e-4, "β_1 of the linear/quad schedules.", lo=0.0, lo_open=True, hi=1.0)
+    beta_end: float = opt(0.02, "β_T of the linear/quad schedules.", lo=0.0, lo_open=True, hi=1.0)
+    beta_schedule: str = opt("linear", "β schedule.", choices=["linear", "cosine", "quad"])
+    model_mean_type: str = opt("eps", "What the network predicts.", choices=["eps", "x0", "v"])
+    model_var_type: str = opt("fixed-large", "Reverse-process variance: `fixed-large` (σ²=β_t, DDPM "
+                              "CIFAR-10) or `fixed-small` (posterior β̃_t).",
+                              choices=["fixed-large", "fixed-small"])
+    loss_type: str = opt("mse", "Per-sample loss.", choices=["mse", "l1"])
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("unet", "Network from the `MODELS` registry.", choices=["unet"])
+    in_channels: int = opt(3, "Image channels (must match the dataset).", lo=1)
+    hid_channels: int = opt(128, "Base width of the UNet.", lo=1)
+    ch_multipliers: list[int] = opt([1, 2, 2, 2], "Width multiplier per resolution level.")
+    num_res_blocks: int = opt(2, "Residual blocks per level.", lo=1)
+    apply_attn: list[bool] = opt([False, True, False, False], "Self-attention per level "
+                                 "(same length as ch_multipliers).")
+    drop_rate: float = opt(0.0, "Dropout inside residual blocks.", lo=0.0, hi=1.0)
+    resample_with_conv: bool = opt(True, "Strided-conv downsampling and conv after upsampling.")
+    channels_last: bool = opt(False, "Run convolutions in channels_last memory format "
+                              "(faster on CPU and on tensor-core GPUs).")
+    compile: bool = opt(False, "Wrap the network in `torch.compile`.")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = opt(2e-4, "Peak learning rate.", lo=0.0, lo_open=True)
+    batch_size: int = opt(128, "Global batch size (all ranks and accumulation steps together).", lo=1)
+    accum_steps: int = opt(1, "Gradient-accumulation micro-batches per optimizer step.", lo=1)
+    grad_norm: float | None = opt(1.0, "Clip the global gradient norm to this; null = no clipping.",
+                                  lo=0.0, lo_open=True)
+    epochs: int | None = opt(None, "Training length in epochs (exactly one of epochs/steps).", lo=1)
+    steps: int | None = opt(None, "Training length in optimizer steps (exactly one of epochs/steps).", lo=1)
+    warmup: int = opt(5000, "Linear learning-rate warm-up, in optimizer steps.", lo=0)
+    optimizer: str = opt("adam", "Optimizer.", choices=["adam", "adamw"])
+    weight_decay: float = opt(0.0, "Weight decay (decoupled for adamw).", lo=0.0)
+    betas: list[float] = opt([0.9, 0.999], "Adam β1, β2.")
+    use_ema: bool = opt(True, "Keep an exponential moving average of the weights (used for samples).")
+    ema_decay: float = opt(0.9999, "EMA decay per optimizer step.", lo=0.0, hi=1.0)
+    amp: str = opt("none", "Mixed precision on CUDA: `none`, `bf16`, `fp16` (CPU: only `none`).",
+                   choices=["none", "bf16", "fp16"])
+    seed: int = opt(0, "Seed of initialisation, data order, timesteps and noise.", lo=0)
+    num_workers: int = opt(0, "DataLoader worker processes per rank.", lo=0)
+    log_intv: int = opt(50, "Steps between `metrics.jsonl` lines.", lo=1)
+    num_samples: int = opt(64, "Images in each sample grid (fixed noise).", lo=0)
+    image_intv: int = opt(1, "Epochs between sample grids (grids are also made at every stage end); "
+                          "0 = only at stage ends.", lo=0)
+    chkpt_intv: int = opt(1, "Epochs between checkpoints (one is always written at the end and "
+                          "on stop).", lo=0)
+    keep_checkpoints: int = opt(3, "Keep this many newest checkpoints; 0 = keep all.", lo=0)
+    sample_steps: int = opt(50, "DDIM steps for sample grids and evaluation; 0 = full ancestral "
+                            "sampling with T steps.", lo=0)
+
+
+@dataclass
+class StageConfig:
+    t_min: float = opt(0.0, "Lower bound of the stage's timesteps, as a fraction of T.", lo=0.0, hi=1.0)
+    t_max: float = opt(1.0, "Upper bound (exclusive; 1.0 includes T−1), fraction of T.", lo=0.0, hi=1.0)
+    epochs: int | None = opt(None, "Stage length in epochs (or give steps).", lo=1)
+    steps: int | None = opt(None, "Stage length in optimizer steps (or give epochs).", lo=1)
+    name: str | None = opt(None, "Stage name used in logs and file names; null = `stage<k>`.")
+
+
+@dataclass
+class CurriculumConfig:
+    enabled: bool = opt(False, "Train stage by stage on growing timestep ranges (mode C); "
+                        "false = one full-range stage (baseline).")
+    stages: list[StageConfig] = opt([], "Stages in order; the last one runs to the end of training.")
+
+
+@dataclass
+class SparsityConfig:
+    enabled: bool = opt(False, "Mode CS: bottleneck channel mask with regrowth (not implemented yet).")
+    initial_sparsity: float = opt(0.8, "Share of bottleneck channels masked in the first stage.",
+                                  lo=0.0, hi=1.0)
+    regrowth_method: str = opt("gradient", "How masked channels are chosen to regrow.",
+                               choices=["gradient", "gate_gradient", "weight_gradient", "random"])
+
+
+@dataclass
+class RegularizationConfig:
+    enabled: bool = opt(False, "Mode CR: Group-L1 penalty on conv output channels (not implemented yet).")
+    lambda_max: float = opt(3e-5, "Penalty weight in the first stage.", lo=0.0)
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = opt(1024, "Samples generated for the end-of-training evaluation (`eval.json`); "
+                           "0 = skip.", lo=0)
+    batch_size: int = opt(256, "Batch size for that sampling.", lo=1)
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def mode(self) -> str:
+        """Training mode derived from the sections: baseline, C, CS or CR."""
+        if not self.curriculum.enabled:
+            return "baseline"
+        if self.sparsity.enabled:
+            return "CS"
+        if self.regularization.enabled:
+            return "CR"
+        return "C"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp, path: str):
+    """Check ``value`` against the annotation ``tp`` and return it converted (int → float)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"config key '{path}' must be a list, got {value!r}")
+        return [_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise UserError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _check_range(value, meta: dict, path: str) -> None:
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise UserError(f"config key '{path}' = {value!r} is not one of {choices}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise UserError(f"config key '{path}' = {value!r} must be finite")
+        if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+            raise UserError(f"config key '{path}' = {value!r} must be "
+                            f"{'>' if meta.get('lo_open') else '>='} {lo}")
+        if hi is not None and value > hi:
+            raise UserError(f"config key '{path}' = {value!r} must be <= {hi}")
+
+
+def _build(cls, data, path: str):
+    """Build dataclass ``cls`` from a dict, rejecting unknown keys with a nearest-key hint."""
+    if not isinstance(data, dict):
+        raise UserError(f"config section '{path}' must be a JSON object, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key.startswith("_"):
+            continue  # comment keys, as in the seeds' configs
+        full = f"{path}.{key}" if path else key
+        if key not in fields:
+            near = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise UserError(f"unknown config key '{full}'{hint}; valid keys: {sorted(fields)}")
+        value = _convert(value, hints[key], full)
+        _check_range(value, fields[key].metadata, full)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _normalise(raw: dict) -> dict:
+    raw = {k: v for k, v in raw.items() if not k.startswith("_")}
+    if isinstance(raw.get("dataset"), str):  # seed shorthand: "dataset": "celeba32"
+        raw["dataset"] = {"name": raw["dataset"]}
+    return raw
+
+
+def config_from_dict(raw: dict, overrides: list[str] | tuple = ()) -> Config:
+    """Build and validate a :class:`Config` from a JSON-like dict plus ``section.key=value`` overrides."""
+    if not isinstance(raw, dict):
+        raise UserError(f"a config must be a JSON object at the top level, got {type(raw).__name__}")
+    raw = _normalise(json.loads(json.dumps(raw)))
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> Config:
+    """Read a JSON config file, apply ``--set`` overrides and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path} (pass an existing JSON file, e.g. configs/quickstart.json)")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"config file {path} is not valid JSON: {exc}") from None
+    return config_from_dict(raw, overrides)
+
+
+def parse_override_value(text: str):
+    """Value of a ``--set`` item: JSON when it parses (numbers, booleans, lists, null), else a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one ``section.key=value`` (or ``section.list.INDEX.key=value``) override to ``raw``."""
+    if "=" not in item:
+        raise UserError(f"--set expects section.key=value, got {item!r}")
+    dotted, text = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    if len(keys) < 2 or not all(keys):
+        raise UserError(f"--set expects section.key=value, got {item!r}")
+    node = raw
+    for i, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise UserError(f"--set {dotted}: index {key!r} out of range for a list of {len(node)}")
+            node = node[int(key)]
+            continue
+        if key not in node:
+            if i == 0 and key not in {f.name for f in dataclasses.fields(Config)}:
+                near = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(Config)], n=1)
+                hint = f" (did you mean '{near[0]}'?)" if near else ""
+                raise UserError(f"--set {dotted}: unknown config section '{key}'{hint}")
+            node[key] = {}
+        node = node[key]
+    if not isinstance(node, dict):
+        raise UserError(f"--set {dotted}: '{'.'.join(keys[:-1])}' is not a section")
+    node[keys[-1]] = parse_override_value(text)
+
+
+# ------------------------------------------------------------------------------- cross-checks
+
+
+def validate(cfg: Config) -> None:
+    """Checks that involve more than one key."""
+    t = cfg.train
+    if (t.epochs is None) == (t.steps is None):
+        raise UserError("set exactly one of 'train.epochs' and 'train.steps' (the total training length)")
+    if t.batch_size % t.accum_steps:
+        raise UserError(f"'train.batch_size' = {t.batch_size} is not divisible by "
+                        f"'train.accum_steps' = {t.accum_steps}")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise UserError(f"'train.betas' = {t.betas} must be two numbers in [0, 1)")
+    m = cfg.model
+    if len(m.apply_attn) != len(m.ch_multipliers):
+        raise UserError(f"'model.apply_attn' has {len(m.apply_attn)} entries but 'model.ch_multipliers' "
+                        f"has {len(m.ch_multipliers)}; give one flag per level")
+    if not m.ch_multipliers or min(m.ch_multipliers) < 1:
+        raise UserError(f"'model.ch_multipliers' = {m.ch_multipliers} must be a non-empty list of positive ints")
+    if cfg.diffusion.beta_start > cfg.diffusion.beta_end:
+        raise UserError(f"'diffusion.beta_start' = {cfg.diffusion.beta_start} exceeds "
+                        f"'diffusion.beta_end' = {cfg.diffusion.beta_end}")
+    _validate_stages(cfg)
+    if cfg.sparsity.enabled and cfg.regularization.enabled:
+        raise UserError("'sparsity.enabled' and 'regularization.enabled' are both true; "
+                        "pick one mode (CS or CR)")
+    if (cfg.sparsity.enabled or cfg.regularization.enabled) and not cfg.curriculum.enabled:
+        raise UserError("modes CS and CR follow the curriculum stages; set 'curriculum.enabled' to true")
+
+
+def _validate_stages(cfg: Config) -> None:
+    cur = cfg.curriculum
+    if not cur.enabled:
+        return
+    if not cur.stages:
+        raise UserError("'curriculum.enabled' is true but 'curriculum.stages' is empty; "
+                        "list stages like {\"t_min\": 0.8, \"t_max\": 1.0, \"epochs\": 1}")
+    for i, st in enumerate(cur.stages):
+        where = f"curriculum.stages[{i}]"
+        if st.t_min >= st.t_max:
+            raise UserError(f"'{where}': t_min = {st.t_min} must be smaller than t_max = {st.t_max}")
+        if (st.epochs is None) == (st.steps is None):
+            raise UserError(f"'{where}': give exactly one of 'epochs' and 'steps' (the stage length)")
+    names = [s.name for s in cur.stages if s.name]
+    if len(names) != len(set(names)):
+        raise UserError(f"'curriculum.stages' names must be unique, got {names}")
+    unit = "epochs" if cfg.train.epochs is not None else "steps"
+    total = cfg.train.epochs if unit == "epochs" else cfg.train.steps
+    lengths = [getattr(s, unit) for s in cur.stages]
+    if None not in lengths and sum(lengths) > total:
+        raise UserError(f"the stages last {sum(lengths)} {unit} but 'train.{unit}' = {total}; "
+                        f"shorten the stages or train longer")
+
+
+# ----------------------------------------------------------------------------------- docs
+
+
+def config_markdown() -> str:
+    """Markdown reference of every config key with its default and meaning (docs/config.md)."""
+    lines = ["# Config reference", "",
+             "Generated by `python -m ddpm_curriculum.config --markdown` from `ddpm_curriculum/config.py`.",
+             "Keys starting with `_` are comments. `\"dataset\": \"celeba32\"` is shorthand for "
+             "`\"dataset\": {\"name\": \"celeba32\"}`. Override any key from the command line with "
+             "`--set section.key=value` (JSON values; `--set curriculum.stages.0.epochs=2` indexes lists).", ""]
+    sections = [(f.name, f.default_factory) for f in dataclasses.fields(Config)]
+    sections.insert(sections.index(("curriculum", CurriculumConfig)) + 1, ("curriculum.stages[]", StageConfig))
+    for name, cls in sections:
+        lines += [f"## `{name}`", "", "| key | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            doc = f.metadata.get("doc", "")
+            if f.metadata.get("choices"):
+                doc += " One of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + "."
+            lines.append(f"| `{f.name}` | `{json.dumps(default)}` | {doc} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--markdown"]:
+        print(config_markdown())
+    else:
+        print("usage: python -m ddpm_curriculum.config --markdown")

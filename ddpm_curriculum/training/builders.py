@@ -1,0 +1,62 @@
+"""Config sections → objects (dataset, network, diffusion). The only place that reads config keys
+to construct things, so scripts and tests build exactly what training builds."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..config import Config, DatasetConfig
+from ..data import build_dataset, dataset_image_shape
+from ..diffusion import CurriculumDiffusion, make_betas
+from ..errors import UserError
+from ..models import build_model
+
+
+def twoscale_kwargs(d: DatasetConfig) -> dict:
+    return dict(channels=d.channels, k1=d.k1, k2=d.k2, alpha1=d.alpha1, alpha2=d.alpha2,
+                sigma0=d.sigma0, num_samples=d.num_samples, seed=d.seed)
+
+
+def _ts(d: DatasetConfig) -> dict:
+    return twoscale_kwargs(d) if d.name == "twoscale" else {}
+
+
+def image_shape(cfg: Config) -> tuple[int, int, int]:
+    """(C, H, W) of the configured dataset, without reading it from disk."""
+    d = cfg.dataset
+    return tuple(dataset_image_shape(d.name, image_size=d.image_size, **_ts(d)))
+
+
+def make_dataset(cfg: Config, split: str = "train"):
+    """The training dataset, unflipped: flips are drawn per step by the trainer (exact resume)."""
+    d = cfg.dataset
+    return build_dataset(d.name, root=d.root, image_size=d.image_size, split=split,
+                         random_flip=False, download=d.download, **_ts(d))
+
+
+def use_random_flip(cfg: Config) -> bool:
+    d = cfg.dataset
+    return d.random_flip if d.random_flip is not None else d.name != "twoscale"
+
+
+def make_model(cfg: Config) -> nn.Module:
+    m = cfg.model
+    c, h, w = image_shape(cfg)
+    if m.in_channels != c:
+        raise UserError(f"'model.in_channels' = {m.in_channels} but the dataset has {c} channels; "
+                        f"set model.in_channels={c}")
+    factor = 2 ** (len(m.ch_multipliers) - 1)
+    if h % factor or w % factor:
+        raise UserError(f"image size {h}x{w} is not divisible by {factor} "
+                        f"({len(m.ch_multipliers)} UNet levels); change dataset.image_size or model.ch_multipliers")
+    return build_model(m.name, in_channels=m.in_channels, hid_channels=m.hid_channels,
+                       ch_multipliers=tuple(m.ch_multipliers), num_res_blocks=m.num_res_blocks,
+                       apply_attn=tuple(m.apply_attn), drop_rate=m.drop_rate,
+                       resample_with_conv=m.resample_with_conv)
+
+
+def make_diffusion(cfg: Config) -> CurriculumDiffusion:
+    d = cfg.diffusion
+    betas = make_betas(d.beta_schedule, d.timesteps, d.beta_start, d.beta_end)
+    return CurriculumDiffusion(betas, prediction_type=d.model_mean_type, var_type=d.model_var_type,
+                               loss_type=d.loss_type)

@@ -1,0 +1,175 @@
+"""Command line of ``train_curriculum.py`` (the script itself only calls :func:`main`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .. import dist
+from ..config import Config, config_from_dict, load_config
+from ..diffusion import time_range_indices
+from ..errors import UserError
+from .checkpoint import latest_checkpoint, load_checkpoint
+from .plan import build_plan, total_steps
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train a DDPM: baseline or timestep curriculum (modes C/CS/CR).")
+    p.add_argument("--config-path", "--config", dest="config_path", help="experiment JSON (see configs/)")
+    p.add_argument("--run-dir", help="output directory (default runs/<config-name>-<timestamp>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="resume from a checkpoint file or run directory (no PATH: latest in --run-dir)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and stage plan, then exit")
+    p.add_argument("--distributed", action="store_true", help="multi-process training (torchrun or --num-gpus)")
+    p.add_argument("--num-gpus", type=int, default=1, help="spawn this many local processes (seed launch)")
+    p.add_argument("--rigid-launch", action="store_true", help="with --num-gpus: spawn instead of torchrun")
+    p.add_argument("--stop-at-step", type=int, help="checkpoint and stop after this global step")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return p.parse_args(argv)
+
+
+def resolve(args) -> tuple[Config, dict | None]:
+    """The config to train with and, when resuming, the checkpoint state."""
+    if args.resume is None:
+        if not args.config_path:
+            raise UserError("--config-path is required (e.g. --config-path configs/quickstart.json)")
+        return load_config(args.config_path, args.overrides), None
+    source = args.resume or args.run_dir
+    if not source:
+        raise UserError("--resume without a PATH needs --run-dir (the run to continue)")
+    if not args.resume and latest_checkpoint(Path(args.run_dir)) is None:
+        raise UserError(f"nothing to resume: no checkpoint in {Path(args.run_dir) / 'checkpoints'}; "
+                        f"drop --resume to start a new run")
+    state = load_checkpoint(source)
+    # The checkpoint's config is the run's config; --set may change it (e.g. train longer).
+    cfg = config_from_dict(state["config"], args.overrides)
+    if args.config_path:
+        given = load_config(args.config_path, args.overrides).to_dict()
+        diff = _diff(cfg.to_dict(), given)
+        if diff:
+            dist.print0(f"note: resuming with the checkpoint's config; {args.config_path} differs in "
+                        f"{', '.join(diff[:6])}{' …' if len(diff) > 6 else ''} (change them with --set)")
+    return cfg, state
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            keys += _diff(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            keys.append(prefix + k)
+    return keys
+
+
+def default_run_dir(args) -> Path:
+    if args.run_dir:
+        return Path(args.run_dir)
+    if args.resume:
+        p = Path(args.resume)
+        return p if p.is_dir() else p.parent.parent
+    name = Path(args.config_path).stem
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def describe_plan(cfg: Config) -> str:
+    """The stage plan as text: t-range (integers) and length of each stage."""
+    from .builders import make_dataset
+
+    try:
+        n = len(make_dataset(cfg))
+        spe = n // cfg.train.batch_size
+    except UserError as exc:
+        n, spe = None, None
+        note = f"(dataset not available: {exc})"
+    T = cfg.diffusion.timesteps
+    lines = [f"mode: {cfg.mode}"]
+    if spe:
+        lines.append(f"dataset: {cfg.dataset.name}, {n} samples, {spe} steps per epoch at global batch "
+                     f"{cfg.train.batch_size}; total {total_steps(cfg, spe)} steps")
+        for s in build_plan(cfg, spe):
+            lo, hi = time_range_indices(s.t_min, s.t_max, T)
+            lines.append(f"  stage {s.index + 1} {s.name}: t in [{lo}, {hi}] ({s.t_min:g}-{s.t_max:g} of T={T}), "
+                         f"steps {s.start_step}..{s.end_step - 1} ({s.num_steps} steps, "
+                         f"{s.num_steps / spe:g} epochs)")
+    else:
+        lines.append(note)
+        stages = cfg.curriculum.stages if cfg.curriculum.enabled else []
+        for i, s in enumerate(stages):
+            lo, hi = time_range_indices(s.t_min, s.t_max, T)
+            length = f"{s.epochs} epochs" if s.epochs is not None else f"{s.steps} steps"
+            lines.append(f"  stage {i + 1} {s.name or f'stage{i + 1}'}: t in [{lo}, {hi}], {length}"
+                         f"{' (runs to the end)' if i == len(stages) - 1 else ''}")
+    return "\n".join(lines)
+
+
+def check_mode_supported(cfg: Config) -> None:
+    if cfg.mode in ("CS", "CR"):
+        raise UserError(f"mode {cfg.mode} ({'sparsity' if cfg.mode == 'CS' else 'regularization'}.enabled) "
+                        f"is not implemented yet; set it to false to train mode C")
+
+
+def worker(args, cfg_dict: dict, run_dir: str, resume: bool) -> int:
+    """Body of every training process (single, torchrun rank or spawned rank)."""
+    from .trainer import CurriculumTrainer, TrainingDiverged
+
+    device = dist.init(args.device)
+    try:
+        cfg = config_from_dict(cfg_dict)
+        state = load_checkpoint(args.resume or run_dir) if resume else None
+        run_dir = Path(dist.broadcast_object(str(run_dir)))
+        if dist.is_main():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        dist.print0(f"mode {cfg.mode}, world size {dist.world_size()}, device {device}, run dir {run_dir}")
+        trainer = CurriculumTrainer(cfg, run_dir, device, resume_state=state,
+                                    stop_at_step=args.stop_at_step, progress=not args.no_progress)
+        if state is not None:
+            dist.print0(f"resumed at step {trainer.step} (epoch {trainer.epoch}, stage '{trainer.stage.name}')")
+        trainer.train()
+        return 0
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        dist.cleanup()
+
+
+def _spawned(args, cfg_dict, run_dir, resume):
+    from ..errors import run_cli
+
+    code = run_cli(lambda _: worker(args, cfg_dict, run_dir, resume))
+    if code:
+        sys.exit(code)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg, state = resolve(args)
+    if args.dry_run:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        print(describe_plan(cfg))
+        return 0
+    check_mode_supported(cfg)
+    run_dir = default_run_dir(args)
+    resume = state is not None
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+    del state  # each process loads its own copy
+    if args.num_gpus > 1:
+        if dist.launched_by_torchrun():
+            raise UserError("--num-gpus spawns its own processes; under torchrun use --nproc_per_node instead")
+        import torch.multiprocessing as mp
+
+        try:
+            dist.spawn(_spawned, args.num_gpus, (args, cfg.to_dict(), str(run_dir), resume))
+        except mp.ProcessExitedException as exc:
+            return exc.exit_code if exc.exit_code and exc.exit_code > 0 else 1
+        return 0
+    return worker(args, cfg.to_dict(), str(run_dir), resume)

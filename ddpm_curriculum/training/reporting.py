@@ -1,0 +1,119 @@
+"""What a run reports: ``metrics.jsonl`` lines, sample grids and the end-of-training ``eval.json``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from torchvision.utils import save_image
+
+from .. import dist
+from ..diffusion import ddim_sample
+
+
+class MetricsLog:
+    """Accumulates per-step statistics on the device; ``flush`` reduces them over ranks and writes one line.
+
+    Both ``flush`` and ``epoch_loss`` are collectives: every rank calls them at the same steps.
+    """
+
+    def __init__(self, path: Path | None, num_bins: int, timesteps: int, device: torch.device):
+        self.path, self.num_bins, self.timesteps, self.device = path, num_bins, timesteps, device
+        # [loss_sum, count, grad_norm_sum, steps, bin_loss_sum × bins, bin_count × bins]
+        self.acc = torch.zeros(4 + 2 * num_bins, dtype=torch.float64, device=device)
+        self.epoch_acc = torch.zeros(2, dtype=torch.float64, device=device)
+        self.t_last = time.perf_counter()
+
+    def add(self, per_sample: torch.Tensor, t: torch.Tensor, grad_norm: torch.Tensor, n: int) -> None:
+        loss = per_sample.double()
+        bins = (t * self.num_bins // self.timesteps).clamp_(max=self.num_bins - 1)
+        self.acc[0] += loss.sum()
+        self.acc[1] += n
+        self.acc[2] += grad_norm.double()
+        self.acc[3] += 1
+        self.acc[4:4 + self.num_bins].index_add_(0, bins, loss)
+        self.acc[4 + self.num_bins:].index_add_(0, bins, torch.ones_like(loss))
+        self.epoch_acc[0] += loss.sum()
+        self.epoch_acc[1] += n
+
+    def flush(self, **fields) -> dict | None:
+        acc = dist.all_reduce_sum(self.acc.clone()).tolist()
+        self.acc.zero_()
+        now = time.perf_counter()
+        elapsed, self.t_last = now - self.t_last, now
+        loss_sum, count, gn_sum, steps = acc[:4]
+        if count == 0:
+            return None
+        steps_per_rank = steps / dist.world_size()
+        b = self.num_bins
+        rec = dict(fields)
+        rec.update(loss=loss_sum / count, grad_norm=gn_sum / max(steps, 1), img_per_sec=count / max(elapsed, 1e-9),
+                   loss_per_t_bin=[s / c if c else None for s, c in zip(acc[4:4 + b], acc[4 + b:])],
+                   steps_in_interval=int(steps_per_rank))
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        return rec
+
+    def epoch_loss(self) -> float:
+        acc = dist.all_reduce_sum(self.epoch_acc.clone()).tolist()
+        self.epoch_acc.zero_()
+        return acc[0] / acc[1] if acc[1] else float("nan")
+
+
+@torch.no_grad()
+def generate(diffusion, model, x_T: torch.Tensor, steps: int, generator=None) -> torch.Tensor:
+    """Samples from noise ``x_T`` [N,C,H,W]: DDIM with ``steps`` steps (η=0), or ancestral when 0."""
+    was_training = model.training
+    model.eval()
+    try:
+        if steps > 0:
+            return ddim_sample(diffusion, model, x_T, steps=steps, eta=0.0, generator=generator)
+        return diffusion.p_sample_loop(model, x_T, generator=generator)
+    finally:
+        model.train(was_training)
+
+
+def to_uint8_range(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] model space → [0, 1] quantised to 256 levels, as saved PNGs are."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 255.0
+
+
+def save_grid(diffusion, model, noise: torch.Tensor, steps: int, path: Path, device, batch_size: int = 256):
+    """Sample from fixed ``noise`` and save an image grid at ``path``."""
+    g = torch.Generator(device=device).manual_seed(0)
+    out = [generate(diffusion, model, noise[i:i + batch_size].to(device), steps, g).cpu()
+           for i in range(0, len(noise), batch_size)]
+    x = torch.cat(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(to_uint8_range(x), path, nrow=max(1, int(len(x) ** 0.5)))
+
+
+def evaluate_samples(cfg, diffusion, model, dataset, device, out_path: Path, step: int) -> dict:
+    """Generate ``eval.num_samples`` images and score them with the dataset's metrics → ``eval.json``."""
+    n, bs = cfg.eval.num_samples, cfg.eval.batch_size
+    result = {"step": step, "num_samples": n, "sampler": _sampler_name(cfg), "metrics": {}}
+    if n == 0:
+        return result
+    if cfg.dataset.name != "twoscale":
+        result["note"] = "no built-in metric for this dataset; use eval.py for FID"
+    else:
+        from ..metrics.oracle import twoscale_oracle_metrics
+
+        g_noise = torch.Generator().manual_seed(cfg.train.seed + 12345)
+        g = torch.Generator(device=device).manual_seed(cfg.train.seed + 54321)
+        chunks = []
+        for i in range(0, n, bs):
+            x_T = torch.randn((min(bs, n - i), *dataset.image_shape), generator=g_noise).to(device)
+            chunks.append(to_uint8_range(generate(diffusion, model, x_T, cfg.train.sample_steps, g)).cpu() * 2 - 1)
+        result["metrics"] = twoscale_oracle_metrics(torch.cat(chunks), dataset)
+    out_path.write_text(json.dumps(result, indent=2))
+    dist.print0("eval: " + json.dumps(result["metrics"]))
+    return result
+
+
+def _sampler_name(cfg) -> str:
+    s = cfg.train.sample_steps
+    return f"ddim-{s} (eta 0)" if s > 0 else f"ancestral-{cfg.diffusion.timesteps}"

@@ -1,0 +1,324 @@
+"""CurriculumTrainer: the training loop for baseline DDPM and the timestep curriculum (mode C).
+
+One optimizer step reads like the algorithm::
+
+    batch → t from the current stage's range, ε, flips (seeded by the step) → loss → backward
+          → clip → optimizer step → LR schedule → EMA
+
+Everything else (logging, sample grids, checkpoints, stop requests) lives in named methods that run
+between steps. The stage is a pure function of the global step (see ``plan.py``), so ranks and
+resumed runs agree without communication.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .. import dist
+from ..config import Config
+from ..errors import UserError
+from . import builders
+from .checkpoint import FORMAT_VERSION, check_compatible, load_checkpoint, save_checkpoint
+from .ema import EMA
+from .plan import build_plan, stage_at, total_steps
+from .reporting import MetricsLog, evaluate_samples, save_grid
+from .sampler import ShardedBatchSampler, mix_seed, step_generator
+
+NUM_T_BINS = 10  # metrics.jsonl reports the loss averaged over 10 equal timestep bins
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; a checkpoint of the last good state was written."""
+
+
+class CurriculumTrainer:
+    def __init__(self, cfg: Config, run_dir: str | Path, device: torch.device,
+                 resume_state: dict | None = None, stop_at_step: int | None = None,
+                 progress: bool = True):
+        self.cfg, self.run_dir, self.device = cfg, Path(run_dir), device
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.stop_at_step, self.progress = stop_at_step, progress
+        self._check_device()
+        t = cfg.train
+        if t.batch_size % (self.world * t.accum_steps):
+            raise UserError(f"'train.batch_size' = {t.batch_size} must be divisible by world size "
+                            f"{self.world} × 'train.accum_steps' {t.accum_steps}")
+        # Initialisation is identical on every rank (DDP also broadcasts rank 0's weights);
+        # the global RNG is then reseeded per rank, so dropout differs between ranks.
+        torch.manual_seed(t.seed)
+        self.dataset = builders.make_dataset(cfg)
+        self.image_shape = tuple(self.dataset.image_shape)
+        self.flip = builders.use_random_flip(cfg)
+        self.diffusion = builders.make_diffusion(cfg)
+        self.model = builders.make_model(cfg).to(device)
+        if cfg.model.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = EMA(self.model, t.ema_decay) if t.use_ema else None
+        self.optimizer = self._make_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / t.warmup) if t.warmup > 0 else 1.0)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=t.amp == "fp16")
+        torch.manual_seed(mix_seed(t.seed, self.rank, 0xD0))
+
+        self.sampler = ShardedBatchSampler(len(self.dataset), t.batch_size, self.rank, self.world, t.seed)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.total_steps = total_steps(cfg, self.steps_per_epoch)
+        self.plan = build_plan(cfg, self.steps_per_epoch)
+        self.step = 0
+        if resume_state is not None:
+            self._load_state(resume_state)
+
+        self.ddp_model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None) \
+            if self.world > 1 else self.model
+        self.train_model = torch.compile(self.ddp_model) if cfg.model.compile else self.ddp_model
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", NUM_T_BINS, self.diffusion.timesteps, device) \
+            if dist.is_main() else MetricsLog(None, NUM_T_BINS, self.diffusion.timesteps, device)
+        self._stop_requested = False
+        # Fixed noise for sample grids, so grids over training are comparable.
+        g = torch.Generator().manual_seed(mix_seed(t.seed, 0x6121D))
+        self.grid_noise = torch.randn((t.num_samples, *self.image_shape), generator=g)
+
+    # ------------------------------------------------------------------ construction helpers
+
+    def _check_device(self) -> None:
+        if self.cfg.train.amp != "none" and self.device.type != "cuda":
+            raise UserError(f"'train.amp' = {self.cfg.train.amp!r} needs CUDA (on CPU reduced precision is "
+                            f"far slower than fp32); set train.amp=none")
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+        return cls(self.model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+
+    @property
+    def stage(self):
+        return stage_at(self.plan, self.step)
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    # ------------------------------------------------------------------------ the loop
+
+    def train(self) -> dict:
+        """Train to the end (or until stopped); returns a summary dict."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        restore = self._install_signal_handlers()
+        bar = tqdm(total=self.total_steps, initial=self.step, dynamic_ncols=True, smoothing=0.05,
+                   disable=not (dist.is_main() and self.progress))
+        try:
+            stopped = False
+            while self.step < self.total_steps and not stopped:
+                stopped = self._train_epoch(bar)
+        finally:
+            bar.close()
+            restore()
+        if stopped:
+            return {"stopped": True, "step": self.step}
+        return self._finish()
+
+    def _train_epoch(self, bar) -> bool:
+        """Train from the current position to the end of its epoch; True if a stop was requested."""
+        self.sampler.set_epoch(self.epoch, self.step % self.steps_per_epoch)
+        loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.cfg.train.num_workers,
+                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        for images, _ in loader:
+            stage = self.stage
+            self.diffusion.set_time_range(stage.t_min, stage.t_max)
+            loss_sum, stop = self.train_step(images)
+            self.step += 1
+            bar.update(1)
+            self._after_step(stage, bar)
+            if stop or (self.stop_at_step is not None and self.step >= self.stop_at_step):
+                self._stop()
+                return True
+            if self.step >= self.total_steps:
+                break
+        return False
+
+    def train_step(self, images: torch.Tensor) -> tuple[float, bool]:
+        """One optimizer step on this rank's share of the global batch.
+
+        Returns (sum of this rank's per-sample losses, whether any rank asked to stop).
+        Raises TrainingDiverged (after checkpointing the last good state) on a NaN/inf loss.
+        """
+        t_cfg, G = self.cfg.train, self.cfg.train.batch_size
+        x0, t, noise = self._draw(images, G)
+        micro = x0.shape[0] // t_cfg.accum_steps
+        losses = []
+        for k in range(t_cfg.accum_steps):
+            sl = slice(k * micro, (k + 1) * micro)
+            sync = k == t_cfg.accum_steps - 1 or self.world == 1
+            with (contextlib.nullcontext() if sync else self.ddp_model.no_sync()), self._autocast():
+                per_sample = self.diffusion.training_losses(self.train_model, x0[sl], t[sl], noise[sl])
+                loss = per_sample.mean() / t_cfg.accum_steps
+            self.scaler.scale(loss).backward()
+            losses.append(per_sample.detach().float())
+        per_sample = torch.cat(losses)
+        # One tiny collective per step: any rank's non-finite loss or stop request stops all ranks.
+        flags = torch.tensor([float(not torch.isfinite(per_sample).all()), float(self._stop_requested)],
+                             device=self.device)
+        bad, stop = (dist.all_reduce_sum(flags) > 0).tolist()
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._diverged()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t_cfg.grad_norm or math.inf)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.log.add(per_sample, t, grad_norm.detach(), x0.shape[0])
+        return float(per_sample.sum()), stop
+
+    def _draw(self, images: torch.Tensor, global_batch: int):
+        """This rank's x0, t and ε for the current step (drawn for the global batch, then sliced)."""
+        g = step_generator(self.cfg.train.seed, self.step, self.device)
+        lo = self.rank * (global_batch // self.world)
+        sl = slice(lo, lo + global_batch // self.world)
+        t = self.diffusion.sample_timesteps(global_batch, device=self.device, generator=g)[sl]
+        noise = torch.randn((global_batch, *self.image_shape), generator=g, device=self.device)[sl]
+        x0 = images.to(self.device, non_blocking=True)
+        if self.flip:
+            flip = (torch.rand(global_batch, generator=g, device=self.device) < 0.5)[sl]
+            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+        if self.cfg.model.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+            noise = noise.contiguous(memory_format=torch.channels_last)
+        return x0, t, noise
+
+    def _autocast(self):
+        amp = self.cfg.train.amp
+        if amp == "none":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+    # -------------------------------------------------------------------- maintenance
+
+    def _after_step(self, stage, bar) -> None:
+        t = self.cfg.train
+        if self.step % t.log_intv == 0 or self.step == self.total_steps:
+            rec = self.log.flush(step=self.step, epoch=self.step / self.steps_per_epoch, stage=stage.name,
+                                 t_range=list(self.diffusion.time_range), lr=self.scheduler.get_last_lr()[0])
+            if rec is not None:
+                bar.set_postfix_str(f"{stage.name} t∈[{rec['t_range'][0]},{rec['t_range'][1]}] "
+                                    f"loss={rec['loss']:.4f} {rec['img_per_sec']:.0f} img/s", refresh=False)
+        stage_end = self.step == stage.end_step
+        epoch_end = self.step % self.steps_per_epoch == 0
+        if epoch_end:
+            dist.print0(f"{self.epoch}/{self.total_steps / self.steps_per_epoch:g} epochs [{stage.name}]: "
+                        f"loss={self.log.epoch_loss():.4f}")
+        if stage_end and self.step < self.total_steps:
+            dist.print0(f"stage {stage.index + 1}/{len(self.plan)} '{stage.name}' done at step {self.step}; "
+                        f"next: '{self.plan[stage.index + 1].name}'")
+        if stage_end or (epoch_end and t.image_intv and self.epoch % t.image_intv == 0):
+            self.sample_grid(stage.name)
+        if epoch_end and t.chkpt_intv and self.epoch % t.chkpt_intv == 0 and self.step < self.total_steps:
+            self.save()
+
+    def sampling_model(self):
+        return self.ema.model if self.ema is not None else self.model
+
+    def sample_grid(self, tag: str) -> None:
+        if self.cfg.train.num_samples == 0:
+            return
+        if dist.is_main():
+            path = self.run_dir / "samples" / f"step{self.step:08d}_{tag}.png"
+            save_grid(self.diffusion, self.sampling_model(), self.grid_noise, self.cfg.train.sample_steps,
+                      path, self.device)
+        dist.barrier()
+
+    def _stop(self) -> None:
+        path = self.save()
+        dist.print0(f"stopped at step {self.step}; checkpoint {path}\nresume with: python train_curriculum.py "
+                    f"--run-dir {self.run_dir} --resume")
+
+    def _diverged(self) -> None:
+        path = self.save()
+        raise TrainingDiverged(f"loss became NaN/inf at step {self.step + 1} (stage '{self.stage.name}'); "
+                               f"last good state saved to {path}; lower train.lr or enable train.grad_norm")
+
+    def _install_signal_handlers(self):
+        """SIGINT/SIGTERM finish the current step, checkpoint and exit; a second SIGINT aborts."""
+        def request_stop(signum, frame):
+            self._stop_requested = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        try:
+            old = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: leave handlers alone
+            return lambda: None
+        return lambda: [signal.signal(s, h) for s, h in old.items()]
+
+    def _finish(self) -> dict:
+        self.sample_grid("final")
+        self.save()
+        result = {"stopped": False, "step": self.step}
+        if dist.is_main():
+            result["eval"] = evaluate_samples(self.cfg, self.diffusion, self.sampling_model(), self.dataset,
+                                              self.device, self.run_dir / "eval.json", self.step)
+        dist.barrier()
+        return result
+
+    # ------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "pos_in_epoch": self.step % self.steps_per_epoch,
+            "stage": self.stage.index,
+            "world_size": self.world,
+            "rng": dist.all_gather_object(rng),  # one entry per rank
+            "config": self.cfg.to_dict(),
+        }
+
+    def save(self) -> Path | None:
+        """Checkpoint the current state (rank 0 writes; every rank joins the RNG gather)."""
+        state = self.state_dict()
+        path = None
+        if dist.is_main():
+            sidecar = {k: state[k] for k in ("step", "epoch", "pos_in_epoch", "stage", "world_size")}
+            sidecar.update(stage_name=self.stage.name, mode=self.cfg.mode, config=state["config"])
+            path = save_checkpoint(self.run_dir / "checkpoints", state, sidecar, self.cfg.train.keep_checkpoints)
+        dist.barrier()
+        return dist.broadcast_object(path)
+
+    def _load_state(self, state: dict) -> None:
+        check_compatible(self.model, state["model"], "model")
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise UserError("the checkpoint has no EMA weights but train.use_ema is true; "
+                                "resume with --set train.use_ema=false")
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        rngs = state.get("rng") or []
+        if len(rngs) == self.world:  # exact resume; with another world size only data order is exact
+            torch.set_rng_state(rngs[self.rank]["cpu"])
+            if self.device.type == "cuda" and "cuda" in rngs[self.rank]:
+                torch.cuda.set_rng_state(rngs[self.rank]["cuda"], self.device)
+
