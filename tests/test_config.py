@@ -75,7 +75,7 @@ def test_defaults_and_types():
              sparsity={"enabled": True}, regularization={"enabled": True}), "pick one mode"),
     (minimal(sparsity={"enabled": True}), "set 'curriculum.enabled' to true"),
     ([1, 2], "JSON object at the top level"),
-    (minimal(model="unet"), "config section 'model' must be a JSON object"),
+    ({"train": {"epochs": 1}, "model": "unet"}, "config section 'model' must be a JSON object"),
 ])
 def test_bad_configs_are_rejected_with_the_key_path(raw, fragment):
     with pytest.raises(UserError) as err:

@@ -1,6 +1,7 @@
 """CurriculumTrainer end to end on a tiny twoscale config: exact resume, DDP equivalence,
 signals, divergence, bad checkpoints and the script's outputs."""
 
+import copy
 import json
 import os
 import signal
@@ -105,7 +106,7 @@ def test_nan_loss_stops_with_a_checkpoint_of_the_last_good_state(tmp_path):
 
 
 def test_incompatible_checkpoint_is_a_clear_error(tmp_path):
-    run(tiny_cfg("train.steps=2"), tmp_path)
+    run(tiny_cfg("train.steps=6"), tmp_path)
     state = load_checkpoint(tmp_path)
     with pytest.raises(UserError, match="does not match the model"):
         CurriculumTrainer(tiny_cfg("model.hid_channels=64"), tmp_path / "x", CPU, resume_state=state)
@@ -136,8 +137,19 @@ def test_two_process_gloo_matches_one_process(tmp_path):
         for k in r0[key]:
             assert torch.equal(r0[key][k], r1[key][k]), f"ranks differ in {key}.{k}"
     single = run(tiny_cfg("model.drop_rate=0.0", "eval.num_samples=0"), tmp_path / "single")
+    # Same batches, timesteps and noise → same losses at every logged step.
+    log = lambda d: [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]
+    torch.testing.assert_close(log(tmp_path / "ddp"), log(tmp_path / "single"), rtol=1e-5, atol=0)
+    # Same function. (Biases right before a GroupNorm get pure rounding-noise gradients, which Adam
+    # scales up to ±lr, so parameters are compared through the network's outputs and weight tensors.)
     for k, v in single.model.state_dict().items():
-        torch.testing.assert_close(r0["model"][k], v, atol=2e-5, rtol=1e-4, msg=f"DDP vs single: {k}")
+        if v.dim() > 1:
+            torch.testing.assert_close(r0["model"][k], v, atol=1e-4, rtol=1e-3, msg=f"DDP vs single: {k}")
+    ddp_model = copy.deepcopy(single.model)
+    ddp_model.load_state_dict(r0["model"])
+    x, t = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 30, 60, 99])
+    with torch.no_grad():
+        torch.testing.assert_close(ddp_model(x, t), single.model(x, t), atol=1e-4, rtol=1e-3)
 
 
 # ------------------------------------------------------------------------- the script
@@ -203,12 +215,12 @@ def test_bad_input_gives_one_line_and_exit_code_2(args, fragment):
 
 
 def test_truncated_checkpoint_and_wrong_model_are_exit_2(tmp_path):
-    cfg_path = write_tiny(tmp_path, steps=2)
+    cfg_path = write_tiny(tmp_path, steps=6)
     run_dir = tmp_path / "run"
     assert script("--config-path", str(cfg_path), "--run-dir", str(run_dir), "--device", "cpu").returncode == 0
     ckpt = latest_checkpoint(run_dir)
     wrong = script("--config-path", str(cfg_path), "--run-dir", str(tmp_path / "w"), "--resume", str(ckpt),
-                   "--set", "model.hid_channels=64", "--set", "train.steps=4", "--device", "cpu")
+                   "--set", "model.hid_channels=64", "--set", "train.steps=8", "--device", "cpu")
     assert wrong.returncode == 2 and "does not match the model" in wrong.stderr, wrong.stderr
     truncated = tmp_path / "trunc.pt"
     truncated.write_bytes(ckpt.read_bytes()[:1000])
@@ -232,8 +244,8 @@ def test_sigterm_checkpoints_and_resume_finishes(tmp_path):
     assert "resume with" in out
     step = load_checkpoint(run_dir)["step"]
     assert step >= 3
-    res = script("--run-dir", str(run_dir), "--resume", "--set", f"train.steps={step + 2}", "--device", "cpu",
+    res = script("--run-dir", str(run_dir), "--resume", "--set", f"train.steps={step + 6}", "--device", "cpu",
                  "--no-progress")
     assert res.returncode == 0, res.stderr
     assert f"resumed at step {step}" in res.stdout
-    assert load_checkpoint(run_dir)["step"] == step + 2
+    assert load_checkpoint(run_dir)["step"] == step + 6

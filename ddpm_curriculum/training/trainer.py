@@ -129,8 +129,11 @@ class CurriculumTrainer:
     def _train_epoch(self, bar) -> bool:
         """Train from the current position to the end of its epoch; True if a stop was requested."""
         self.sampler.set_epoch(self.epoch, self.step % self.steps_per_epoch)
+        # Own generator: creating an iterator must not consume the global RNG (dropout), or a resumed
+        # run's random stream would shift. Worker seeds only matter for datasets with random transforms.
+        loader_rng = torch.Generator().manual_seed(mix_seed(self.cfg.train.seed, self.epoch, self.rank))
         loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.cfg.train.num_workers,
-                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+                            pin_memory=self.device.type == "cuda", generator=loader_rng)
         for images, _ in loader:
             stage = self.stage
             self.diffusion.set_time_range(stage.t_min, stage.t_max)

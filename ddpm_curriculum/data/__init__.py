@@ -1,0 +1,52 @@
+"""Datasets behind one registry. Every item is ``(image [C,H,W] float32, label int)``; natural images
+are in [-1, 1]; labels are -1 where unknown."""
+
+from __future__ import annotations
+
+from ..errors import UserError
+from .images import CIFAR10, CelebA, ImageFolder
+from .twoscale import TwoScaleDataset
+
+DATASETS = {"twoscale": TwoScaleDataset, "cifar10": CIFAR10, "celeba": CelebA, "image_folder": ImageFolder}
+ALIASES = {"celeba32": ("celeba", 32), "celeba64": ("celeba", 64)}
+DEFAULT_SIZE = {"twoscale": 16, "cifar10": 32, "celeba": 64, "image_folder": None}
+
+
+def _resolve(name: str, image_size: int | None) -> tuple[str, int | None]:
+    if name in ALIASES:
+        base, size = ALIASES[name]
+        if image_size not in (None, size):
+            raise UserError(f"dataset '{name}' is {size}x{size} but dataset.image_size = {image_size}; "
+                            f"use dataset 'celeba' with image_size {image_size}")
+        return base, size
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset '{name}'; valid: {sorted(DATASETS) + sorted(ALIASES)}")
+    if name == "cifar10" and image_size not in (None, 32):
+        raise UserError(f"CIFAR-10 images are 32x32; remove dataset.image_size = {image_size}")
+    return name, image_size or DEFAULT_SIZE[name]
+
+
+def dataset_image_shape(name: str, image_size: int | None = None, channels: int = 3, **_) -> tuple[int, int, int]:
+    """(C, H, W) of a dataset without touching the disk."""
+    name, size = _resolve(name, image_size)
+    if size is None:
+        raise UserError(f"dataset '{name}' needs dataset.image_size")
+    return (channels if name == "twoscale" else 3, size, size)
+
+
+def build_dataset(name: str, *, root: str | None = None, image_size: int | None = None, split: str = "train",
+                  random_flip: bool | None = None, download: bool = False, **twoscale_kwargs):
+    """Instantiate a dataset by name (see ``DATASETS``; ``celeba32``/``celeba64`` fix the size)."""
+    name, size = _resolve(name, image_size)
+    flip = random_flip if random_flip is not None else name != "twoscale"
+    if name == "twoscale":
+        return TwoScaleDataset(image_size=size, **twoscale_kwargs)
+    if name == "cifar10":
+        return CIFAR10(root, split=split, random_flip=flip, download=download)
+    if name == "celeba":
+        return CelebA(root, image_size=size, split=split, random_flip=flip)
+    return ImageFolder(root, size, random_flip=flip)
+
+
+__all__ = ["DATASETS", "build_dataset", "dataset_image_shape", "TwoScaleDataset", "CIFAR10", "CelebA",
+           "ImageFolder"]

@@ -1,0 +1,197 @@
+"""Natural-image datasets: CIFAR-10 (python-pickle batches), CelebA (aligned JPEGs), any image folder.
+
+Items are ``(x [3,H,W] float32 in [-1, 1], label)``. Roots come from the config, else from the
+environment / ``.env`` (``CIFAR10_PATH``, ``CELEBA_PATH``, ``DATA_ROOT``). A missing or malformed
+dataset raises a one-line UserError saying what was expected where and how to set it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from ..errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# ddpm-torch's CelebA crop (top, left, height, width) of the 178×218 aligned faces, then resize.
+CELEBA_CROP = (40, 15, 148, 148)
+
+
+def env_path(var: str, data_root_sub: str) -> str | None:
+    """``$VAR``, else ``$DATA_ROOT/<sub>``, reading a ``.env`` in the working directory first."""
+    from dotenv import find_dotenv, load_dotenv
+
+    load_dotenv(find_dotenv(usecwd=True), override=False)
+    if os.environ.get(var):
+        return os.environ[var]
+    if os.environ.get("DATA_ROOT"):
+        return str(Path(os.environ["DATA_ROOT"]) / data_root_sub)
+    return None
+
+
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    """uint8 HWC → float32 CHW in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+class _Flippable(Dataset):
+    random_flip = False
+
+    def _maybe_flip(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flip(-1) if self.random_flip and torch.rand(()) < 0.5 else x
+
+
+# ------------------------------------------------------------------------------- CIFAR-10
+
+
+CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+
+
+class CIFAR10(_Flippable):
+    """The standard ``cifar-10-batches-py`` pickles; ``root`` is that folder or its parent."""
+
+    image_shape = (3, 32, 32)
+
+    def __init__(self, root: str | None = None, split: str = "train", random_flip: bool = True,
+                 download: bool = False):
+        given = root or env_path("CIFAR10_PATH", "cifar-10-batches-py")
+        folder = self._find(given)
+        if folder is None and download:
+            folder = self._download(given or "data")
+        if folder is None:
+            where = given or "(no path set)"
+            raise UserError(f"CIFAR-10 not found: expected cifar-10-batches-py/data_batch_1..5 and test_batch "
+                            f"under {where}; set dataset.root in the config or CIFAR10_PATH in .env, "
+                            f"or dataset.download=true when online")
+        files = CIFAR_TRAIN if split == "train" else ["test_batch"]
+        data, labels = [], []
+        for name in files:
+            try:
+                with open(folder / name, "rb") as f:
+                    batch = pickle.load(f, encoding="bytes")
+                data.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels += list(batch[b"labels"])
+            except (OSError, KeyError, ValueError, pickle.UnpicklingError, EOFError) as exc:
+                raise UserError(f"CIFAR-10 file {folder / name} is malformed ({type(exc).__name__}: {exc}); "
+                                f"re-download cifar-10-python.tar.gz") from None
+        self.images = np.concatenate(data).transpose(0, 2, 3, 1)  # NHWC uint8
+        self.labels, self.random_flip = labels, random_flip
+
+    @staticmethod
+    def _find(root: str | None) -> Path | None:
+        if not root:
+            return None
+        for folder in (Path(root), Path(root) / "cifar-10-batches-py"):
+            if all((folder / n).is_file() for n in CIFAR_TRAIN + ["test_batch"]):
+                return folder
+        return None
+
+    @classmethod
+    def _download(cls, root: str) -> Path | None:
+        from torchvision.datasets import CIFAR10 as TV
+
+        parent = Path(root).parent if Path(root).name == "cifar-10-batches-py" else Path(root)
+        try:
+            TV(str(parent), download=True)
+        except Exception as exc:  # offline, bad checksum, disk full
+            raise UserError(f"CIFAR-10 download into {parent} failed ({type(exc).__name__}); "
+                            f"download cifar-10-python.tar.gz by hand and set CIFAR10_PATH") from None
+        return cls._find(str(parent))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self._maybe_flip(to_tensor(self.images[i])), int(self.labels[i])
+
+
+# --------------------------------------------------------------------------- image files
+
+
+def load_image(path: Path, size: int, crop: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """RGB uint8 [size, size, 3]: optional fixed crop, else resize-shorter-side + center crop."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if crop is not None:
+                top, left, h, w = crop
+                im = im.crop((left, top, left + w, top + h))
+            else:
+                s = size / min(im.size)
+                im = im.resize((max(size, round(im.width * s)), max(size, round(im.height * s))),
+                               Image.BICUBIC)
+                left, top = (im.width - size) // 2, (im.height - size) // 2
+                im = im.crop((left, top, left + size, top + size))
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise UserError(f"cannot read image {path} ({type(exc).__name__}); remove or replace the file") from None
+
+
+class ImageFolder(_Flippable):
+    """Every image below ``root`` (recursive), resized and center-cropped to ``image_size``."""
+
+    def __init__(self, root: str | None, image_size: int | None, random_flip: bool = True):
+        if not root:
+            raise UserError("dataset 'image_folder' needs dataset.root (a folder of images)")
+        if not image_size:
+            raise UserError("dataset 'image_folder' needs dataset.image_size (e.g. 32)")
+        folder = Path(root)
+        if not folder.is_dir():
+            raise UserError(f"image folder not found: {folder}; set dataset.root to an existing folder")
+        self.files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not self.files:
+            raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
+        self.image_shape = (3, image_size, image_size)
+        self.size, self.random_flip = image_size, random_flip
+        self.crop = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        return self._maybe_flip(to_tensor(load_image(self.files[i], self.size, self.crop))), -1
+
+
+class CelebA(ImageFolder):
+    """``img_align_celeba/*.jpg`` with ddpm-torch's 148×148 face crop, resized to ``image_size``.
+
+    ``root`` is the folder holding ``img_align_celeba`` (and optionally ``list_eval_partition.txt``,
+    which selects the split; without it every image is used), or ``img_align_celeba`` itself.
+    """
+
+    def __init__(self, root: str | None = None, image_size: int = 64, split: str = "train",
+                 random_flip: bool = True):
+        given = root or env_path("CELEBA_PATH", "celeba")
+        folder = self._find(given)
+        if folder is None:
+            raise UserError(f"CelebA not found: expected img_align_celeba/*.jpg under {given or '(no path set)'}; "
+                            f"set dataset.root in the config or CELEBA_PATH in .env")
+        files = sorted(folder.glob("*.jpg"))
+        partition = folder.parent / "list_eval_partition.txt"
+        if partition.is_file():
+            wanted = {"train": "0", "valid": "1", "test": "2"}.get(split)
+            names = {line.split()[0] for line in partition.read_text().splitlines()
+                     if len(line.split()) == 2 and line.split()[1] == wanted}
+            files = [f for f in files if f.name in names]
+        if not files:
+            raise UserError(f"no CelebA images for split '{split}' in {folder}")
+        self.files, self.size, self.random_flip = files, image_size, random_flip
+        self.image_shape = (3, image_size, image_size)
+        self.crop = CELEBA_CROP
+
+    @staticmethod
+    def _find(root: str | None) -> Path | None:
+        if not root:
+            return None
+        for folder in (Path(root) / "img_align_celeba", Path(root)):
+            if folder.is_dir() and folder.name == "img_align_celeba" and any(folder.glob("*.jpg")):
+                return folder
+        return None
