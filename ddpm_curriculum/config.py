@@ -82,6 +82,10 @@ class ModelConfig:
                                  "(same length as ch_multipliers).")
     drop_rate: float = opt(0.0, "Dropout inside residual blocks.", lo=0.0, hi=1.0)
     resample_with_conv: bool = opt(True, "Strided-conv downsampling and conv after upsampling.")
+    norm_groups: int = opt(32, "GroupNorm groups (32 in DDPM). Narrower layers get one group per channel, "
+                           "which normalises away the time embedding: use 16 with hid_channels 32.", lo=1)
+    norm_eps: float = opt(1e-6, "GroupNorm epsilon (1e-6 as in TF DDPM and diffusers; ddpm-torch used 1e-5).",
+                          lo=0.0, lo_open=True)
     channels_last: bool = opt(False, "Run convolutions in channels_last memory format "
                               "(faster on CPU and on tensor-core GPUs).")
     compile: bool = opt(False, "Wrap the network in `torch.compile`.")

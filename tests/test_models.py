@@ -418,3 +418,20 @@ def test_attention_level_blocks_are_res_attn():
 def test_build_model_errors(name, kwargs, match):
     with pytest.raises(UserError, match=match):
         build_model(name, **kwargs)
+
+
+def test_one_channel_groups_erase_the_time_embedding_and_norm_groups_fixes_it():
+    """With 32 channels and 32 groups, norm2 removes the per-channel shift fc(t_emb) exactly: the block
+    ignores time. norm_groups=16 (two channels per group) keeps it."""
+    torch.manual_seed(0)
+    x, emb = torch.randn(2, 32, 8, 8), torch.randn(2, 1, 128)
+    outputs = {}
+    for groups in (32, 16):
+        block = ResidualBlock(32, 32, 128, norm_groups=groups).eval()
+        nn.init.normal_(block.conv2.weight, std=0.05)
+        outputs[groups] = [block(x, e.expand(2, 128)) for e in (emb[0], emb[1])]
+    torch.testing.assert_close(outputs[32][0], outputs[32][1], atol=1e-4, rtol=0)
+    assert (outputs[16][0] - outputs[16][1]).abs().max() > 1e-2
+    model = UNet(hid_channels=32, ch_multipliers=(1, 2), apply_attn=False, norm_groups=16)
+    assert model.downsamples["level_0"][0].norm2.num_groups == 16
+    assert model.downsamples["level_1"][0].norm2.num_groups == 16  # 64 channels: 16 groups of 4

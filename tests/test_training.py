@@ -249,3 +249,38 @@ def test_sigterm_checkpoints_and_resume_finishes(tmp_path):
     assert res.returncode == 0, res.stderr
     assert f"resumed at step {step}" in res.stdout
     assert load_checkpoint(run_dir)["step"] == step + 6
+
+
+def test_ema_follows_the_warmed_up_decay_formula():
+    from ddpm_curriculum.training.ema import EMA
+
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.99)
+    expected = [p.detach().clone() for p in model.parameters()]
+    for n in range(1, 40):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        d = min(0.99, (1 + n) / (10 + n))
+        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, model.parameters())]
+    for e, p in zip(expected, ema.model.parameters()):
+        torch.testing.assert_close(p, e, atol=1e-6, rtol=1e-6)
+    assert ema.num_updates == 39
+
+
+def test_load_network_rebuilds_the_model_with_ema_or_raw_weights(tmp_path):
+    from ddpm_curriculum.training.checkpoint import load_network
+
+    trainer = run(tiny_cfg("train.steps=6", "eval.num_samples=0"), tmp_path)
+    ema, raw = load_network(tmp_path), load_network(tmp_path, use_ema=False)
+    assert (ema.weights, raw.weights, ema.step) == ("ema", "model", 6) and not ema.model.training
+    for k, v in trainer.ema.state_dict().items():
+        assert torch.equal(ema.model.state_dict()[k], v)
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(raw.model.state_dict()[k], v)
+    assert ema.diffusion.timesteps == 100
+    bare = tmp_path / "bare.pt"
+    torch.save({"model": trainer.model.state_dict()}, bare)
+    with pytest.raises(UserError, match="no stored config"):
+        load_network(bare)

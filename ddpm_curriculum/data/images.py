@@ -130,7 +130,7 @@ def load_image(path: Path, size: int, crop: tuple[int, int, int, int] | None = N
                 im = im.crop((left, top, left + size, top + size))
             if im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
+            return np.array(im, dtype=np.uint8)  # a writable copy
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise UserError(f"cannot read image {path} ({type(exc).__name__}); remove or replace the file") from None
 

@@ -65,17 +65,18 @@ def linear(in_features: int, out_features: int, scale: float = 1.0) -> nn.Linear
     return init_variance_scaling_(nn.Linear(in_features, out_features), scale)
 
 
-def group_norm(channels: int, eps: float = DEFAULT_NORM_EPS) -> nn.GroupNorm:
-    """GroupNorm with 32 groups, or one group per channel when there are fewer than 32 channels.
+def group_norm(channels: int, eps: float = DEFAULT_NORM_EPS, groups: int = GN_GROUPS) -> nn.GroupNorm:
+    """GroupNorm with ``groups`` groups (32 in DDPM/ddpm-torch), or one per channel below that width.
 
-    The fallback only exists so that toy models with < 32 channels can be built. Beware that with one
+    The fallback only exists so that toy models with fewer channels can be built. Beware that with one
     channel per group the norm removes any per-channel constant, including the time embedding that a
-    ResBlock adds just before ``norm2``; real configs use multiples of 32 with ≥ 2 channels per group.
+    ResBlock adds just before ``norm2``: narrow models (e.g. 32-channel layers) should use
+    ``norm_groups=16`` so every group keeps ≥ 2 channels.
     """
-    groups = min(GN_GROUPS, channels)
+    groups = min(groups, channels)
     if channels % groups:
-        raise ValueError(f"GroupNorm({GN_GROUPS} groups) needs a channel count divisible by {GN_GROUPS}, "
-                         f"got {channels}; use hid_channels that is a multiple of {GN_GROUPS}")
+        raise ValueError(f"GroupNorm({groups} groups) needs a channel count divisible by {groups}, "
+                         f"got {channels}; use hid_channels that is a multiple of {groups} or change norm_groups")
     return nn.GroupNorm(groups, channels, eps=eps)
 
 
@@ -143,12 +144,12 @@ class ResidualBlock(TimestepBlock):
     """
 
     def __init__(self, in_ch: int, out_ch: int, embed_dim: int, drop_rate: float = 0.0,
-                 norm_eps: float = DEFAULT_NORM_EPS):
+                 norm_eps: float = DEFAULT_NORM_EPS, norm_groups: int = GN_GROUPS):
         super().__init__()
-        self.norm1 = group_norm(in_ch, norm_eps)
+        self.norm1 = group_norm(in_ch, norm_eps, norm_groups)
         self.conv1 = conv2d(in_ch, out_ch, 3, padding=1)
         self.fc = linear(embed_dim, out_ch)
-        self.norm2 = group_norm(out_ch, norm_eps)
+        self.norm2 = group_norm(out_ch, norm_eps, norm_groups)
         self.dropout = nn.Dropout(drop_rate)
         # Zero-ish last conv: the block starts as (almost) its skip path, which stabilises early training.
         self.conv2 = conv2d(out_ch, out_ch, 3, padding=1, scale=ZERO_INIT_SCALE)
@@ -169,9 +170,9 @@ class AttentionBlock(nn.Module):
     Shapes: [B, C, H, W] → [B, C, H, W].
     """
 
-    def __init__(self, channels: int, norm_eps: float = DEFAULT_NORM_EPS):
+    def __init__(self, channels: int, norm_eps: float = DEFAULT_NORM_EPS, norm_groups: int = GN_GROUPS):
         super().__init__()
-        self.norm = group_norm(channels, norm_eps)
+        self.norm = group_norm(channels, norm_eps, norm_groups)
         self.project_in = conv2d(channels, 3 * channels, 1)
         self.project_out = conv2d(channels, channels, 1, scale=ZERO_INIT_SCALE)
 
@@ -199,10 +200,10 @@ class ResAttnBlock(nn.Sequential, TimestepBlock):
 class MiddleBlock(nn.Sequential, TimestepBlock):
     """ResidualBlock (0) → AttentionBlock (1) → ResidualBlock (2) at the lowest resolution."""
 
-    def __init__(self, channels: int, embed_dim: int, drop_rate: float, norm_eps: float):
-        super().__init__(ResidualBlock(channels, channels, embed_dim, drop_rate, norm_eps),
-                         AttentionBlock(channels, norm_eps),
-                         ResidualBlock(channels, channels, embed_dim, drop_rate, norm_eps))
+    def __init__(self, channels: int, embed_dim: int, drop_rate: float, norm_eps: float, norm_groups: int):
+        super().__init__(ResidualBlock(channels, channels, embed_dim, drop_rate, norm_eps, norm_groups),
+                         AttentionBlock(channels, norm_eps, norm_groups),
+                         ResidualBlock(channels, channels, embed_dim, drop_rate, norm_eps, norm_groups))
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         return self[2](self[1](self[0](x, t_emb)), t_emb)
@@ -241,6 +242,7 @@ class UNet(nn.Module):
         drop_rate: dropout inside the residual blocks.
         resample_with_conv: strided conv / conv after upsampling, instead of avg-pool / plain upsampling.
         norm_eps: GroupNorm epsilon (1e-6 as in TF DDPM and diffusers; ddpm-torch used 1e-5).
+        norm_groups: GroupNorm groups (32 as in DDPM; layers narrower than that use one group per channel).
 
     ``forward(x [B, in_channels, H, W], t [B]) → [B, out_channels, H, W]``; H and W must be divisible by
     ``2 ** (len(ch_multipliers) - 1)``.
@@ -250,7 +252,8 @@ class UNet(nn.Module):
                  ch_multipliers: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
                  apply_attn: bool | Sequence[bool] = (False, True, False, False),
                  time_embedding_dim: int | None = None, drop_rate: float = 0.0,
-                 resample_with_conv: bool = True, norm_eps: float = DEFAULT_NORM_EPS):
+                 resample_with_conv: bool = True, norm_eps: float = DEFAULT_NORM_EPS,
+                 norm_groups: int = GN_GROUPS):
         super().__init__()
         ch_multipliers = tuple(ch_multipliers)
         apply_attn = (apply_attn,) * len(ch_multipliers) if isinstance(apply_attn, bool) else tuple(apply_attn)
@@ -265,6 +268,7 @@ class UNet(nn.Module):
         self.drop_rate = drop_rate
         self.resample_with_conv = resample_with_conv
         self.norm_eps = norm_eps
+        self.norm_groups = norm_groups
         self.levels = len(ch_multipliers)
         # Channels of the middle block's output: the tensor a sparsity curriculum masks.
         self.bottleneck_channels = ch_multipliers[-1] * hid_channels
@@ -276,7 +280,7 @@ class UNet(nn.Module):
         skip_channels = [hid_channels]
         self.downsamples = nn.ModuleDict(
             {f"level_{i}": self._down_level(i, skip_channels) for i in range(self.levels)})
-        self.middle = MiddleBlock(self.bottleneck_channels, emb_dim, drop_rate, norm_eps)
+        self.middle = MiddleBlock(self.bottleneck_channels, emb_dim, drop_rate, norm_eps, norm_groups)
         up = {}
         for i in reversed(range(self.levels)):
             up[f"level_{i}"] = self._up_level(i, skip_channels)
@@ -284,13 +288,13 @@ class UNet(nn.Module):
         # that ``state_dict()`` lists keys in the same order as its checkpoints.
         self.upsamples = nn.ModuleDict({f"level_{i}": up[f"level_{i}"] for i in range(self.levels)})
         assert not skip_channels, "every skip activation must be consumed exactly once"
-        self.out_conv = nn.Sequential(group_norm(hid_channels, norm_eps), nn.SiLU(),
+        self.out_conv = nn.Sequential(group_norm(hid_channels, norm_eps, norm_groups), nn.SiLU(),
                                       conv2d(hid_channels, self.out_channels, 3, padding=1,
                                              scale=ZERO_INIT_SCALE))
 
     def _block(self, level: int, in_ch: int, out_ch: int) -> TimestepBlock:
-        res = ResidualBlock(in_ch, out_ch, self.time_embedding_dim, self.drop_rate, self.norm_eps)
-        return ResAttnBlock(res, AttentionBlock(out_ch, self.norm_eps)) if self.apply_attn[level] else res
+        res = ResidualBlock(in_ch, out_ch, self.time_embedding_dim, self.drop_rate, self.norm_eps, self.norm_groups)
+        return ResAttnBlock(res, AttentionBlock(out_ch, self.norm_eps, self.norm_groups)) if self.apply_attn[level] else res
 
     def _down_level(self, level: int, skip_channels: list[int]) -> nn.ModuleList:
         """Res blocks ``0..num_res_blocks-1`` then (not at the last level) the downsample; records skips."""

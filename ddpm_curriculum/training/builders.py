@@ -52,7 +52,7 @@ def make_model(cfg: Config) -> nn.Module:
     return build_model(m.name, in_channels=m.in_channels, hid_channels=m.hid_channels,
                        ch_multipliers=tuple(m.ch_multipliers), num_res_blocks=m.num_res_blocks,
                        apply_attn=tuple(m.apply_attn), drop_rate=m.drop_rate,
-                       resample_with_conv=m.resample_with_conv)
+                       resample_with_conv=m.resample_with_conv, norm_groups=m.norm_groups, norm_eps=m.norm_eps)
 
 
 def make_diffusion(cfg: Config) -> CurriculumDiffusion:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -115,3 +116,38 @@ def check_compatible(model: nn.Module, state_dict: dict, source: str) -> None:
             parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
         raise UserError(f"checkpoint {source} does not match the model: {'; '.join(parts)}; "
                         f"use the config the checkpoint was trained with")
+
+
+@dataclass
+class LoadedNetwork:
+    """A trained network ready for sampling: weights loaded, in eval mode, on the CPU."""
+
+    model: nn.Module
+    diffusion: object  # CurriculumDiffusion built from the checkpoint's config
+    config: object  # the checkpoint's resolved Config
+    step: int
+    weights: str  # "ema" or "model"
+    source: Path
+
+
+def load_network(path: str | Path, use_ema: bool = True) -> LoadedNetwork:
+    """The network of a checkpoint file or run directory (its EMA weights unless ``use_ema`` is False).
+
+    The network is rebuilt from the config stored in the checkpoint, so every registered model variant
+    loads without extra flags. ``generate.py``, ``eval.py`` and ``prune.py`` load models through here.
+    """
+    from ..config import config_from_dict
+    from . import builders
+
+    source = resolve_checkpoint(path)
+    state = load_checkpoint(source)
+    if "config" not in state:
+        raise UserError(f"{source} has no stored config, so its network cannot be rebuilt; "
+                        f"pass a checkpoint written by train_curriculum.py or prune.py")
+    cfg = config_from_dict(state["config"])
+    weights = "ema" if use_ema and state.get("ema") is not None else "model"
+    model = builders.make_model(cfg)
+    check_compatible(model, state[weights], str(source))
+    model.load_state_dict(state[weights])
+    return LoadedNetwork(model.eval(), builders.make_diffusion(cfg), cfg, int(state.get("step", 0)),
+                         weights, source)

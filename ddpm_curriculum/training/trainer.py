@@ -1,10 +1,12 @@
-"""CurriculumTrainer: the training loop for baseline DDPM and the timestep curriculum (mode C).
+"""CurriculumTrainer: the training loop for baseline DDPM, the timestep curriculum and its modes.
 
 One optimizer step reads like the algorithm::
 
-    batch → t from the current stage's range, ε, flips (seeded by the step) → loss → backward
-          → clip → optimizer step → LR schedule → EMA
+    batch → t from the current stage's range, ε, flips (seeded by the step) → loss (+ mode terms)
+          → backward → (mode: read/zero gradients) → clip → optimizer step → (mode: fix weights)
+          → LR schedule → EMA
 
+Modes plug in as ``TrainingExtension`` objects (``extensions.py``) instead of forking this loop.
 Everything else (logging, sample grids, checkpoints, stop requests) lives in named methods that run
 between steps. The stage is a pure function of the global step (see ``plan.py``), so ranks and
 resumed runs agree without communication.
@@ -29,6 +31,7 @@ from ..errors import UserError
 from . import builders
 from .checkpoint import FORMAT_VERSION, check_compatible, load_checkpoint, save_checkpoint
 from .ema import EMA
+from .extensions import build_extensions
 from .plan import build_plan, stage_at, total_steps
 from .reporting import MetricsLog, evaluate_samples, save_grid
 from .sampler import ShardedBatchSampler, mix_seed, step_generator
@@ -62,6 +65,7 @@ class CurriculumTrainer:
         self.model = builders.make_model(cfg).to(device)
         if cfg.model.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.extensions = build_extensions(cfg, self.model)
         self.ema = EMA(self.model, t.ema_decay) if t.use_ema else None
         self.optimizer = self._make_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -74,6 +78,8 @@ class CurriculumTrainer:
         self.total_steps = total_steps(cfg, self.steps_per_epoch)
         self.plan = build_plan(cfg, self.steps_per_epoch)
         self.step = 0
+        self.stage_entered = -1  # index of the last stage whose on_stage_start hooks ran
+        self.loss_terms: dict[str, torch.Tensor] = {}  # the extensions' loss terms of the last step (detached)
         if resume_state is not None:
             self._load_state(resume_state)
 
@@ -136,7 +142,8 @@ class CurriculumTrainer:
                             pin_memory=self.device.type == "cuda", generator=loader_rng)
         for images, _ in loader:
             stage = self.stage
-            self.diffusion.set_time_range(stage.t_min, stage.t_max)
+            if stage.index != self.stage_entered:
+                self._enter_stage(stage)
             loss_sum, stop = self.train_step(images)
             self.step += 1
             bar.update(1)
@@ -147,6 +154,12 @@ class CurriculumTrainer:
             if self.step >= self.total_steps:
                 break
         return False
+
+    def _enter_stage(self, stage) -> None:
+        self.diffusion.set_time_range(stage.t_min, stage.t_max)
+        for ext in self.extensions:
+            ext.on_stage_start(self, stage)
+        self.stage_entered = stage.index
 
     def train_step(self, images: torch.Tensor) -> tuple[float, bool]:
         """One optimizer step on this rank's share of the global batch.
@@ -164,6 +177,9 @@ class CurriculumTrainer:
             with (contextlib.nullcontext() if sync else self.ddp_model.no_sync()), self._autocast():
                 per_sample = self.diffusion.training_losses(self.train_model, x0[sl], t[sl], noise[sl])
                 loss = per_sample.mean() / t_cfg.accum_steps
+                if k == t_cfg.accum_steps - 1:  # mode terms once per step, inside DDP's forward/backward
+                    terms = self._loss_terms()
+                    loss = loss + sum(terms.values())
             self.scaler.scale(loss).backward()
             losses.append(per_sample.detach().float())
         per_sample = torch.cat(losses)
@@ -175,15 +191,26 @@ class CurriculumTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             self._diverged()
         self.scaler.unscale_(self.optimizer)
+        for ext in self.extensions:
+            ext.after_backward(self)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t_cfg.grad_norm or math.inf)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        for ext in self.extensions:
+            ext.after_step(self)
         if self.ema is not None:
             self.ema.update(self.model)
         self.log.add(per_sample, t, grad_norm.detach(), x0.shape[0])
         return float(per_sample.sum()), stop
+
+    def _loss_terms(self) -> dict[str, torch.Tensor]:
+        terms = {}
+        for ext in self.extensions:
+            terms.update(ext.loss_terms(self))
+        self.loss_terms = {k: v.detach() for k, v in terms.items()}
+        return terms
 
     def _draw(self, images: torch.Tensor, global_batch: int):
         """This rank's x0, t and ε for the current step (drawn for the global batch, then sliced)."""
@@ -212,8 +239,12 @@ class CurriculumTrainer:
     def _after_step(self, stage, bar) -> None:
         t = self.cfg.train
         if self.step % t.log_intv == 0 or self.step == self.total_steps:
+            fields = {}
+            for ext in self.extensions:
+                fields.update(ext.log_fields(self))
             rec = self.log.flush(step=self.step, epoch=self.step / self.steps_per_epoch, stage=stage.name,
-                                 t_range=list(self.diffusion.time_range), lr=self.scheduler.get_last_lr()[0])
+                                 t_range=list(self.diffusion.time_range), lr=self.scheduler.get_last_lr()[0],
+                                 **fields)
             if rec is not None:
                 bar.set_postfix_str(f"{stage.name} t∈[{rec['t_range'][0]},{rec['t_range'][1]}] "
                                     f"loss={rec['loss']:.4f} {rec['img_per_sec']:.0f} img/s", refresh=False)
@@ -225,7 +256,8 @@ class CurriculumTrainer:
         if stage_end and self.step < self.total_steps:
             dist.print0(f"stage {stage.index + 1}/{len(self.plan)} '{stage.name}' done at step {self.step}; "
                         f"next: '{self.plan[stage.index + 1].name}'")
-        if stage_end or (epoch_end and t.image_intv and self.epoch % t.image_intv == 0):
+        grid_due = stage_end or (epoch_end and t.image_intv and self.epoch % t.image_intv == 0)
+        if grid_due and self.step < self.total_steps:  # the last step's grid is the "final" one
             self.sample_grid(stage.name)
         if epoch_end and t.chkpt_intv and self.epoch % t.chkpt_intv == 0 and self.step < self.total_steps:
             self.save()
@@ -284,6 +316,7 @@ class CurriculumTrainer:
             "format_version": FORMAT_VERSION,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema_num_updates": self.ema.num_updates if self.ema is not None else 0,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -291,6 +324,8 @@ class CurriculumTrainer:
             "epoch": self.epoch,
             "pos_in_epoch": self.step % self.steps_per_epoch,
             "stage": self.stage.index,
+            "stage_entered": self.stage_entered,
+            "extensions": {ext.name: ext.state_dict() for ext in self.extensions},
             "world_size": self.world,
             "rng": dist.all_gather_object(rng),  # one entry per rank
             "config": self.cfg.to_dict(),
@@ -314,11 +349,20 @@ class CurriculumTrainer:
             if state.get("ema") is None:
                 raise UserError("the checkpoint has no EMA weights but train.use_ema is true; "
                                 "resume with --set train.use_ema=false")
-            self.ema.load_state_dict(state["ema"])
+            self.ema.load_state_dict(state["ema"], int(state.get("ema_num_updates", 0)))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        self.stage_entered = int(state.get("stage_entered", -1))
+        if self.stage_entered >= 0:
+            self.diffusion.set_time_range(self.plan[self.stage_entered].t_min, self.plan[self.stage_entered].t_max)
+        saved = state.get("extensions") or {}
+        for ext in self.extensions:
+            if ext.name not in saved:
+                raise UserError(f"the checkpoint has no state for '{ext.name}' (it was trained in another "
+                                f"mode); resume with the config it was trained with")
+            ext.load_state_dict(saved[ext.name])
         rngs = state.get("rng") or []
         if len(rngs) == self.world:  # exact resume; with another world size only data order is exact
             torch.set_rng_state(rngs[self.rank]["cpu"])
