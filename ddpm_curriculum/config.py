@@ -261,6 +261,11 @@ def _build(cls, data, path: str):
     return cls(**kwargs)
 
 
+def build_section(cls, data, path: str = ""):
+    """Build and check any ``opt``-declared dataclass from a JSON-like dict (same rules as configs)."""
+    return _build(cls, data, path)
+
+
 def _normalise(raw: dict) -> dict:
     raw = {k: v for k, v in raw.items() if not k.startswith("_")}
     if isinstance(raw.get("dataset"), str):  # seed shorthand: "dataset": "celeba32"

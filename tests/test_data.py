@@ -49,6 +49,15 @@ def test_twoscale_samples_are_a_function_of_seed_and_index():
     assert torch.equal(serial, parallel)
 
 
+def test_twoscale_test_split_continues_the_stream_with_the_same_prototypes():
+    train, test = TwoScaleDataset(num_samples=100), TwoScaleDataset(num_samples=100, split="test")
+    longer = TwoScaleDataset(num_samples=150)
+    assert torch.equal(train.prototypes_minor, test.prototypes_minor)
+    for i in (0, 49):
+        assert torch.equal(test[i][0], longer[100 + i][0])
+    assert not any(torch.equal(test[0][0], train[j][0]) for j in range(100))
+
+
 def test_twoscale_sample_statistics_match_the_model():
     ds = TwoScaleDataset(num_samples=4000, image_size=8, k1=2, k2=2)
     xs, labels = zip(*(ds[i] for i in range(len(ds))))

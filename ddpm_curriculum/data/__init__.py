@@ -40,7 +40,7 @@ def build_dataset(name: str, *, root: str | None = None, image_size: int | None 
     name, size = _resolve(name, image_size)
     flip = random_flip if random_flip is not None else name != "twoscale"
     if name == "twoscale":
-        return TwoScaleDataset(image_size=size, **twoscale_kwargs)
+        return TwoScaleDataset(image_size=size, split=split, **twoscale_kwargs)
     if name == "cifar10":
         return CIFAR10(root, split=split, random_flip=flip, download=download)
     if name == "celeba":

@@ -14,7 +14,8 @@ mixture has a non-linear optimal denoiser, and whether minor features are learne
 by the oracle metrics (``ddpm_curriculum.metrics.oracle``).
 
 Sample i is a fixed function of (seed, i) only: independent of ``num_samples``, DataLoader workers and
-access order, so loaders, resumes and ranks are reproducible.
+access order, so loaders, resumes and ranks are reproducible. The ``test`` split is the continuation of the
+same stream (samples num_samples, num_samples + 1, …): same prototypes, images never seen in training.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ class TwoScaleDataset(Dataset):
     """The two-scale mixture. Items are ``(x [C,H,W] float32, label = k·K2 + j)``."""
 
     def __init__(self, image_size: int = 16, channels: int = 3, k1: int = 4, k2: int = 4, alpha1: float = 0.6,
-                 alpha2: float = 0.15, sigma0: float = 0.05, num_samples: int = 16384, seed: int = 0):
+                 alpha2: float = 0.15, sigma0: float = 0.05, num_samples: int = 16384, seed: int = 0,
+                 split: str = "train"):
         for name, value in dict(image_size=image_size, channels=channels, k1=k1, k2=k2,
                                 num_samples=num_samples).items():
             if int(value) < 1:
@@ -91,7 +93,10 @@ class TwoScaleDataset(Dataset):
         if k1 * k2 > n_high:
             raise UserError(f"twoscale: k1*k2 = {k1 * k2} exceeds the {n_high} high-frequency components; "
                             f"lower dataset.k2 or raise dataset.image_size")
+        if split not in ("train", "test"):
+            raise UserError(f"twoscale: split '{split}' is not 'train' or 'test'")
         self.k1, self.k2, self.num_samples, self.seed = k1, k2, num_samples, seed
+        self.first_index = num_samples if split == "test" else 0
         self.alpha1, self.alpha2, self.sigma0 = float(alpha1), float(alpha2), float(sigma0)
         self.image_shape = (channels, image_size, image_size)
         rng = np.random.default_rng([seed, 0x7C0])
@@ -106,7 +111,7 @@ class TwoScaleDataset(Dataset):
     def __getitem__(self, i: int):
         if not 0 <= i < self.num_samples:
             raise IndexError(i)
-        g = torch.Generator().manual_seed(splitmix64((self.seed << 32) ^ int(i)) >> 1)
+        g = torch.Generator().manual_seed(splitmix64((self.seed << 32) ^ (self.first_index + int(i))) >> 1)
         label = int(torch.randint(self.k1 * self.k2, (1,), generator=g))
         k, j = divmod(label, self.k2)
         eps = torch.randn(self.image_shape, generator=g)

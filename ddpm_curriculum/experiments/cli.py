@@ -1,0 +1,39 @@
+"""Command line of ``scripts/run_experiments.py``."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from ..errors import UserError
+from .grid import baseline_arm, load_grid
+from .report import write_report
+from .runner import read_results, run_grid
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Run an experiment grid (arms × seeds at equal budget) and "
+                                            "write results.jsonl and report.md.")
+    p.add_argument("grid", help="grid JSON, e.g. configs/experiments/twoscale_modes.json")
+    p.add_argument("--out", help="output directory (default runs/experiments/<grid name>[-quick])")
+    p.add_argument("--quick", action="store_true", help="the grid's quick settings: minutes instead of an hour")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each gets cores/jobs threads)")
+    p.add_argument("--threads", type=int, help="torch threads per job (default cores/jobs)")
+    p.add_argument("--report-only", action="store_true", help="rewrite report.md from results.jsonl")
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs} must be at least 1")
+    out = Path(args.out or Path("runs/experiments") / (Path(args.grid).stem + ("-quick" if args.quick else "")))
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    if args.report_only:
+        grid = load_grid(args.grid)
+        records = read_results(out / "results.jsonl")
+        if not records:
+            raise UserError(f"no results in {out / 'results.jsonl'}; run the grid first")
+        print(write_report(records, grid, baseline_arm(grid), out, quick=args.quick, command=command))
+        return 0
+    run_grid(args.grid, out, quick=args.quick, jobs=args.jobs, threads=args.threads, command=command)
+    print(f"report: {out / 'report.md'}")
+    return 0

@@ -1,0 +1,141 @@
+"""Experiment grids: a base config, arms, seeds and evaluation points, read from one JSON file.
+
+A grid file looks like (keys starting with ``_`` are comments)::
+
+    {
+      "base_config": "configs/twoscale_c.json",       # config of arms that name none
+      "set": ["train.steps=640"],                     # --set overrides for every arm
+      "arms": [
+        {"name": "baseline", "config": "configs/twoscale_baseline.json"},
+        {"name": "C"},
+        {"name": "CS_random", "config": "configs/twoscale_cs.json", "set": ["sparsity.regrowth_method=random"]}
+      ],
+      "baseline_arm": "baseline",                     # differences are reported against this arm
+      "seeds": [0, 1, 2],                             # each sets train.seed
+      "eval_at": [0.25, 0.5, 1.0],                    # fractions of the training length
+      "eval": {"num_samples": 512, "sample_steps": 25, "seed": 1234},
+      "quick": {"seeds": [0], "set": ["train.steps=8"], "eval": {"num_samples": 16}}
+    }
+
+A run's config is: the arm's config file (or ``base_config``) ← grid ``set`` ← arm ``set`` ← the seed ←
+(with ``--quick``) the quick ``set``. Paths are relative to the working directory, like every config path.
+Every arm at one seed gets the same ``train.seed``, hence the same initial weights, data order and noise
+draws, so differences between arms are paired by seed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import Config, build_section, load_config, opt
+from ..errors import UserError
+
+RUN_OVERRIDES = (  # what the runner changes in every training run (it evaluates checkpoints itself)
+    "eval.num_samples=0", "train.num_samples=0", "train.chkpt_intv=0", "train.keep_checkpoints=2")
+
+
+@dataclass
+class ArmConfig:
+    name: str = opt("", "Arm name: a column in the report and a folder in the output directory.")
+    config: str | None = opt(None, "Config file of this arm; null = the grid's base_config.")
+    set: list[str] = opt([], "--set overrides for this arm (applied after the grid's).")
+
+
+@dataclass
+class GridEvalConfig:
+    num_samples: int = opt(512, "Samples generated per evaluation (the same noise for every arm and seed).", lo=1)
+    sample_steps: int = opt(25, "DDIM steps (eta 0) for those samples; 0 = ancestral with T steps.", lo=0)
+    batch_size: int = opt(512, "Sampling batch size.", lo=1)
+    val_samples: int = opt(1024, "Held-out training images for the validation denoising loss.", lo=1)
+    seed: int = opt(1234, "Seed of the evaluation noise and the validation timesteps.", lo=0)
+
+
+@dataclass
+class QuickConfig:
+    seeds: list[int] = opt([0], "Seeds used with --quick.")
+    set: list[str] = opt([], "Overrides applied last with --quick (shrink steps, data, model).")
+    eval: GridEvalConfig | None = opt(None, "Evaluation settings with --quick; null = the grid's.")
+
+
+@dataclass
+class GridConfig:
+    base_config: str | None = opt(None, "Config of the arms that name none.")
+    set: list[str] = opt([], "--set overrides applied to every arm.")
+    arms: list[ArmConfig] = opt([], "The arms (at least one).")
+    baseline_arm: str | None = opt(None, "Arm the others are compared with; null = the first arm.")
+    seeds: list[int] = opt([0, 1, 2], "Training seeds (train.seed); every arm runs every seed.")
+    eval_at: list[float] = opt([1.0], "Evaluation points as fractions of the training length, in (0, 1].")
+    eval: GridEvalConfig = field(default_factory=GridEvalConfig)
+    quick: QuickConfig = field(default_factory=QuickConfig)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the grid: an arm at a seed, with its resolved config."""
+
+    arm: str
+    seed: int
+    config: Config
+    eval_steps: tuple[int, ...]  # optimizer steps at which the run is evaluated (the last = the end)
+
+    @property
+    def key(self) -> str:
+        return f"{self.arm}/seed{self.seed}"
+
+
+def load_grid(path: str | Path) -> GridConfig:
+    """Read and validate a grid file (unknown keys, bad values → one-line UserError)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"grid file not found: {path} (e.g. configs/experiments/twoscale_modes.json)")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"grid file {path} is not valid JSON: {exc}") from None
+    grid = build_section(GridConfig, raw, "")
+    names = [a.name for a in grid.arms]
+    if not names or not all(names):
+        raise UserError(f"grid {path}: give at least one arm, each with a 'name'")
+    if len(set(names)) != len(names):
+        raise UserError(f"grid {path}: arm names must be unique, got {names}")
+    if grid.baseline_arm is not None and grid.baseline_arm not in names:
+        raise UserError(f"grid {path}: baseline_arm '{grid.baseline_arm}' is not one of the arms {names}")
+    if not grid.eval_at or not all(0 < f <= 1 for f in grid.eval_at):
+        raise UserError(f"grid {path}: 'eval_at' = {grid.eval_at} must be fractions in (0, 1]")
+    if not grid.seeds or (not grid.quick.seeds):
+        raise UserError(f"grid {path}: 'seeds' and 'quick.seeds' must not be empty")
+    if len(set(grid.seeds)) != len(grid.seeds):
+        raise UserError(f"grid {path}: 'seeds' has duplicates: {grid.seeds}")
+    return grid
+
+
+def expand_runs(grid: GridConfig, quick: bool = False, steps_per_epoch=None) -> list[RunSpec]:
+    """Every (arm, seed) run with its resolved config and evaluation steps.
+
+    ``steps_per_epoch(cfg)`` converts epoch-based lengths into steps (the runner passes one that builds
+    the dataset); evaluation points are rounded to whole steps, at least 1, and always include the end.
+    """
+    seeds = grid.quick.seeds if quick else grid.seeds
+    runs = []
+    for arm in grid.arms:
+        source = arm.config or grid.base_config
+        if source is None:
+            raise UserError(f"arm '{arm.name}' has no config and the grid has no base_config; set one")
+        for seed in seeds:
+            overrides = [*grid.set, *arm.set, f"train.seed={seed}", *(grid.quick.set if quick else ()),
+                         *RUN_OVERRIDES]
+            cfg = load_config(source, overrides)
+            total = cfg.train.steps if cfg.train.steps is not None else cfg.train.epochs * steps_per_epoch(cfg)
+            points = sorted({max(1, min(total, round(f * total))) for f in grid.eval_at} | {total})
+            runs.append(RunSpec(arm.name, seed, cfg, tuple(points)))
+    return runs
+
+
+def eval_settings(grid: GridConfig, quick: bool) -> GridEvalConfig:
+    return grid.quick.eval if quick and grid.quick.eval is not None else grid.eval
+
+
+def baseline_arm(grid: GridConfig) -> str:
+    return grid.baseline_arm or grid.arms[0].name

@@ -1,0 +1,221 @@
+"""Summaries of an experiment grid: mean ± std over seeds and paired differences to the baseline arm.
+
+For arm a and seed s at one evaluation step, d_s = m(a, s) − m(baseline, s) (same seed = same initial
+weights, data order and noise, so the pairing removes most of the seed-to-seed variance). The report gives
+mean(d) with a 95% Student-t interval mean(d) ± t_{0.975, n−1}·sd(d)/√n over the n seeds both arms
+finished; with n = 1 there is no interval. An arm is marked better/worse only when the interval excludes 0.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from scipy import stats
+
+# (metric, better direction: +1 higher, −1 lower, 0 closer to 1), in report order
+METRICS = [
+    ("val_loss", -1), ("val_loss_low_t", -1), ("val_loss_high_t", -1),
+    ("minor_present", +1), ("minor_amplitude", 0), ("minor_coverage", +1),
+    ("major_present", +1), ("major_amplitude", 0), ("major_coverage", +1), ("residual_ratio", 0),
+]
+KEY_METRICS = ("val_loss", "val_loss_low_t", "minor_present", "minor_amplitude", "major_present",
+               "residual_ratio")
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n − 1 divisor; 0 for a single value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def paired_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float | None]:
+    """Mean of paired differences and the half-width of its Student-t interval (None for n < 2)."""
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    if n < 2:
+        return mean, None
+    return mean, stats.t.ppf(0.5 + level / 2, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+
+
+def verdict(mean: float, half: float | None, direction: int, base_mean: float | None = None) -> str:
+    """'better' / 'worse' when the interval excludes 0, else 'no detectable difference'."""
+    if half is None or abs(mean) <= half:
+        return "no detectable difference"
+    if direction == 0:  # closer to the ideal value 1 is better
+        improves = abs(base_mean + mean - 1) < abs(base_mean - 1)
+    else:
+        improves = mean * direction > 0
+    return "better" if improves else "worse"
+
+
+def index(records: list[dict]) -> dict:
+    """{(arm, step): {seed: record}} of the successful records (the last one wins)."""
+    out: dict = {}
+    for rec in records:
+        if "error" not in rec:
+            out.setdefault((rec["arm"], rec["step"]), {})[rec["seed"]] = rec
+    return out
+
+
+def compare(by_point: dict, arm: str, base: str, step: int, metric: str):
+    """Paired difference of ``metric`` between ``arm`` and ``base`` at ``step`` → (mean, half, n) or None."""
+    a, b = by_point.get((arm, step), {}), by_point.get((base, step), {})
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s][metric] - b[s][metric] for s in seeds if metric in a[s] and metric in b[s]]
+    if not diffs:
+        return None
+    mean, half = paired_interval(diffs)
+    return mean, half, len(diffs)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _pm(mean: float, spread: float) -> str:
+    """``mean ± spread`` with the spread to two significant digits."""
+    return f"{_fmt(mean)} ± {spread:.2g}"
+
+
+def _arm_order(records, grid) -> list[str]:
+    return [a.name for a in grid.arms if any(r["arm"] == a.name for r in records)]
+
+
+def _table_final(by_point, arms, final_step, metrics) -> list[str]:
+    lines = ["| arm | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for arm in arms:
+        recs = list(by_point.get((arm, final_step), {}).values())
+        cells = []
+        for m in metrics:
+            vals = [r[m] for r in recs if m in r]
+            cells.append("—" if not vals else _pm(*mean_std(vals)))
+        lines.append(f"| {arm} (n={len(recs)}) | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _table_diffs(by_point, arms, base, step, metrics, directions) -> list[str]:
+    lines = ["| arm − " + base + " | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for arm in arms:
+        if arm == base:
+            continue
+        cells = []
+        for m in metrics:
+            c = compare(by_point, arm, base, step, m)
+            if c is None:
+                cells.append("—")
+                continue
+            mean, half, n = c
+            base_vals = [r[m] for r in by_point.get((base, step), {}).values() if m in r]
+            v = verdict(mean, half, directions[m], statistics.fmean(base_vals) if base_vals else None)
+            mark = {"better": " **better**", "worse": " **worse**"}.get(v, "")
+            cells.append(f"{_pm(mean, half)}{mark}" if half is not None else f"{_fmt(mean)} (n=1)")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _table_over_training(by_point, arms, steps, metric) -> list[str]:
+    lines = [f"| {metric} | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    for arm in arms:
+        cells = []
+        for s in steps:
+            vals = [r[metric] for r in by_point.get((arm, s), {}).values() if metric in r]
+            cells.append("—" if not vals else _pm(*mean_std(vals)))
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary_sentences(by_point, arms, base, step, directions) -> list[str]:
+    """One plain sentence per metric: which arms differ detectably from the baseline at ``step``."""
+    out = []
+    for m in KEY_METRICS:
+        better, worse = [], []
+        for arm in arms:
+            c = None if arm == base else compare(by_point, arm, base, step, m)
+            if c is None:
+                continue
+            base_vals = [r[m] for r in by_point.get((base, step), {}).values() if m in r]
+            v = verdict(c[0], c[1], directions[m], statistics.fmean(base_vals) if base_vals else None)
+            (better if v == "better" else worse if v == "worse" else []).append(arm)
+        if better or worse:
+            out.append(f"- `{m}`: better than {base}: {', '.join(better) or 'none'}; "
+                       f"worse: {', '.join(worse) or 'none'}; every other arm: no detectable difference.")
+        else:
+            out.append(f"- `{m}`: no arm differs detectably from {base}.")
+    return out
+
+
+def write_report(records: list[dict], grid, base: str, out_dir: Path, quick: bool = False,
+                 command: str | None = None) -> Path:
+    """Write ``report.md`` (and ``plots/*.png`` when matplotlib is installed); returns the report path."""
+    import sys
+
+    by_point = index(records)
+    arms = _arm_order(records, grid)
+    directions = dict(METRICS)
+    steps = sorted({r["step"] for r in records if "error" not in r})
+    finals = sorted({r["step"] for r in records if r.get("final")})
+    present = [m for m, _ in METRICS if any(m in r for r in records)]
+    key = [m for m in KEY_METRICS if m in present]
+    lines = [f"# Experiment report{' (quick mode)' if quick else ''}", "",
+             f"Command: `{command or ' '.join(['python', *sys.argv])}`  ",
+             f"Written {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()} with "
+             f"{len({(r['arm'], r['seed']) for r in records if 'error' not in r})} finished runs.", "",
+             "Mean ± std over seeds; differences are paired by seed with a 95% Student-t interval; "
+             "**better**/**worse** only where the interval excludes 0 (see "
+             "`ddpm_curriculum/experiments/report.py`). Metrics: `ddpm_curriculum/experiments/evaluate.py` "
+             "and the oracle metrics in README.md.", ""]
+    failures = [r for r in records if "error" in r]
+    if failures:
+        lines += ["## Failed runs", ""] + [f"- {r['arm']}/seed{r['seed']}: {r['error']}" for r in failures] + [""]
+    for final in finals[-1:]:
+        kimg = next(r["kimg"] for r in records if r.get("step") == final and "kimg" in r)
+        lines += [f"## At the end of training (step {final}, {kimg:g} kimg)", ""]
+        lines += _table_final(by_point, arms, final, key) + [""]
+        lines += [f"### Differences to `{base}`", ""]
+        lines += _table_diffs(by_point, arms, base, final, key, directions) + [""]
+        lines += ["### In one sentence per metric", ""]
+        lines += summary_sentences(by_point, arms, base, final, directions) + [""]
+    lines += ["## Over training", ""]
+    for m in present:
+        lines += _table_over_training(by_point, arms, steps, m) + [""]
+    plots = write_plots(records, arms, present, out_dir / "plots")
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def write_plots(records, arms, metrics, folder: Path) -> list[Path]:
+    """Metric vs training images per arm (mean ± std over seeds); [] without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    by_point = index(records)
+    paths = []
+    for m in metrics:
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        for arm in arms:
+            pts = sorted((s, [r[m] for r in recs.values() if m in r], next(iter(recs.values()))["kimg"])
+                         for (a, s), recs in by_point.items() if a == arm)
+            pts = [(kimg, *mean_std(v)) for _, v, kimg in pts if v]
+            if pts:
+                x, mu, sd = zip(*pts)
+                ax.errorbar(x, mu, yerr=sd, marker="o", ms=3, capsize=2, label=arm)
+        ax.set_xlabel("training images (kimg)")
+        ax.set_ylabel(m)
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        path = folder / f"{m}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths

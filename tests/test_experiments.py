@@ -1,0 +1,121 @@
+"""Experiment runner: grid parsing, statistics against scipy, end-to-end quick grid, resumability."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from ddpm_curriculum.errors import UserError
+from ddpm_curriculum.experiments import expand_runs, load_grid, run_grid
+from ddpm_curriculum.experiments import runner as runner_module
+from ddpm_curriculum.experiments.report import compare, index, mean_std, paired_interval, verdict
+from tests.test_training import ROOT, TINY
+
+
+def test_mean_std_and_paired_interval_match_scipy():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(1.0, 0.3, 5), rng.normal(0.8, 0.3, 5)
+    mean, sd = mean_std(list(a))
+    assert mean == pytest.approx(a.mean()) and sd == pytest.approx(a.std(ddof=1))
+    d_mean, half = paired_interval(list(a - b))
+    ci = stats.ttest_rel(a, b).confidence_interval(0.95)
+    assert d_mean - half == pytest.approx(ci.low) and d_mean + half == pytest.approx(ci.high)
+    assert paired_interval([0.3]) == (0.3, None)
+
+
+@pytest.mark.parametrize("mean, half, direction, base, expected", [
+    (0.1, 0.05, +1, None, "better"), (0.1, 0.05, -1, None, "worse"), (0.1, 0.2, +1, None,
+                                                                       "no detectable difference"),
+    (-5.0, 1.0, 0, 20.0, "better"),  # residual ratio 20 → 15: closer to the ideal 1
+    (0.3, 0.1, 0, 0.9, "worse"),  # amplitude 0.9 → 1.2: further from 1
+    (0.1, None, +1, None, "no detectable difference"),
+])
+def test_verdict(mean, half, direction, base, expected):
+    assert verdict(mean, half, direction, base) == expected
+
+
+def test_compare_pairs_by_seed_and_ignores_unpaired_seeds():
+    recs = [{"arm": "b", "seed": s, "step": 10, "m": v} for s, v in [(0, 1.0), (1, 2.0), (2, 3.0)]]
+    recs += [{"arm": "a", "seed": s, "step": 10, "m": v} for s, v in [(0, 1.5), (1, 2.4)]]
+    mean, half, n = compare(index(recs), "a", "b", 10, "m")
+    assert n == 2 and mean == pytest.approx(0.45)
+    assert half == pytest.approx(stats.t.ppf(0.975, 1) * np.std([0.5, 0.4], ddof=1) / np.sqrt(2))
+
+
+def write_grid(tmp_path, **changes):
+    cfg = json.loads(json.dumps(TINY))
+    cfg["train"].update(steps=6, num_samples=0)
+    cfg["curriculum"]["stages"][0]["steps"] = 2
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    cfg["curriculum"]["enabled"] = False
+    (tmp_path / "base.json").write_text(json.dumps(cfg))
+    grid = {"_comment": "tiny", "base_config": str(tmp_path / "c.json"),
+            "arms": [{"name": "baseline", "config": str(tmp_path / "base.json")}, {"name": "C"}],
+            "seeds": [0, 1], "eval_at": [0.5, 1.0],
+            "eval": {"num_samples": 8, "sample_steps": 2, "val_samples": 16},
+            "quick": {"seeds": [3], "set": ["train.steps=4"]}}
+    grid.update(changes)
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps(grid))
+    return path
+
+
+def test_runs_expand_with_overrides_in_order_and_eval_points(tmp_path):
+    grid = load_grid(write_grid(tmp_path, set=["train.lr=0.002"],
+                                arms=[{"name": "C", "set": ["train.lr=0.003"]}]))
+    runs = expand_runs(grid, steps_per_epoch=lambda cfg: 8)
+    assert [(r.arm, r.seed) for r in runs] == [("C", 0), ("C", 1)]
+    assert runs[0].config.train.lr == 0.003 and runs[1].config.train.seed == 1
+    assert runs[0].eval_steps == (3, 6) and runs[0].config.eval.num_samples == 0
+    quick = expand_runs(grid, quick=True, steps_per_epoch=lambda cfg: 8)
+    assert [r.seed for r in quick] == [3] and quick[0].eval_steps == (2, 4)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"arms": []}, "at least one arm"),
+    ({"arms": [{"name": "a"}, {"name": "a"}]}, "unique"),
+    ({"baseline_arm": "zzz"}, "baseline_arm 'zzz'"),
+    ({"eval_at": [0.0]}, "fractions in (0, 1]"),
+    ({"seedz": [1]}, "did you mean 'seeds'"),
+])
+def test_bad_grids_are_one_line_errors(tmp_path, change, fragment):
+    with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        load_grid(write_grid(tmp_path, **change))
+
+
+def test_grid_end_to_end_then_resumes_without_retraining(tmp_path, monkeypatch):
+    grid_path, out = write_grid(tmp_path), tmp_path / "out"
+    records = run_grid(grid_path, out, log=lambda *_: None)
+    assert sorted((r["arm"], r["seed"], r["step"]) for r in records) == \
+        [(a, s, st) for a in ("C", "baseline") for s in (0, 1) for st in (3, 6)]
+    rec = records[-1]
+    for key in ("val_loss", "val_loss_low_t", "val_loss_high_t", "minor_present", "residual_ratio", "kimg"):
+        assert key in rec
+    report = (out / "report.md").read_text()
+    assert "| C (n=2) |" in report and "Differences to `baseline`" in report
+    # same seed → same initial weights and data: the two arms differ only after the curriculum matters
+    assert (out / "C" / "seed0" / "metrics.jsonl").is_file()
+    # drop the final evaluations: a rerun re-scores the existing checkpoints and trains nothing
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(line for line in lines if '"final": true' not in line) + "\n")
+    monkeypatch.setattr(runner_module, "_train_until", lambda *a: pytest.fail("retrained a finished run"))
+    again = run_grid(grid_path, out, log=lambda *_: None)
+    assert len(again) == 8
+    finals = {(r["arm"], r["seed"]): r["val_loss"] for r in records if r["final"]}
+    assert {(r["arm"], r["seed"]): r["val_loss"] for r in again if r["final"]} == finals
+
+
+def test_script_quick_mode_and_bad_grid(tmp_path):
+    grid_path = write_grid(tmp_path, arms=[{"name": "C"}])
+    res = subprocess.run([sys.executable, str(ROOT / "scripts/run_experiments.py"), str(grid_path), "--quick",
+                          "--out", str(tmp_path / "q")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    recs = [json.loads(x) for x in (tmp_path / "q" / "results.jsonl").read_text().splitlines()]
+    assert [(r["seed"], r["step"]) for r in recs] == [(3, 2), (3, 4)]
+    assert "quick mode" in (tmp_path / "q" / "report.md").read_text()
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts/run_experiments.py"), str(tmp_path / "nope.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "grid file not found" in bad.stderr and "Traceback" not in bad.stderr
