@@ -284,3 +284,18 @@ def test_load_network_rebuilds_the_model_with_ema_or_raw_weights(tmp_path):
     torch.save({"model": trainer.model.state_dict()}, bare)
     with pytest.raises(UserError, match="no stored config"):
         load_network(bare)
+
+
+def test_torchrun_two_process_gloo_launch(tmp_path):
+    """The real launcher (torchrun, as in README and docs/scaling.md) with 2 CPU processes over gloo."""
+    cfg_path = write_tiny(tmp_path, steps=6, num_samples=0)
+    run_dir = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(ROOT / "train_curriculum.py"), "--config-path", str(cfg_path), "--distributed",
+                          "--run-dir", str(run_dir), "--device", "cpu", "--no-progress"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("world size 2") == 1  # rank 0 speaks, rank 1 is silent
+    state = load_checkpoint(run_dir)
+    assert state["step"] == 6 and state["world_size"] == 2 and len(state["rng"]) == 2
