@@ -73,7 +73,8 @@ class DiffusionConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = opt("unet", "Network from the `MODELS` registry.", choices=["unet"])
+    name: str = opt("unet", "Network from the `MODELS` registry. Mode CS always builds `sparse_unet` "
+                    "(the UNet plus the bottleneck channel gate).", choices=["unet", "sparse_unet"])
     in_channels: int = opt(3, "Image channels (must match the dataset).", lo=1)
     hid_channels: int = opt(128, "Base width of the UNet.", lo=1)
     ch_multipliers: list[int] = opt([1, 2, 2, 2], "Width multiplier per resolution level.")
@@ -119,6 +120,12 @@ class TrainConfig:
     keep_checkpoints: int = opt(3, "Keep this many newest checkpoints; 0 = keep all.", lo=0)
     sample_steps: int = opt(50, "DDIM steps for sample grids and evaluation; 0 = full ancestral "
                             "sampling with T steps.", lo=0)
+    loss_weighting: str = opt("none", "Per-timestep loss weight, any mode: `none`, `min_snr` (Min-SNR-γ, "
+                              "Hang et al. 2023), `p2` (Choi et al. 2022). Defined on the ε-loss and "
+                              "converted for x0/v prediction (see README).", choices=["none", "min_snr", "p2"])
+    min_snr_gamma: float = opt(5.0, "γ of `min_snr`: ε-prediction weight min(1, γ/snr).", lo=0.0, lo_open=True)
+    p2_k: float = opt(1.0, "k of `p2`: ε-prediction weight 1/(k + snr)^γ.", lo=0.0, lo_open=True)
+    p2_gamma: float = opt(1.0, "γ of `p2` (the paper uses 0.5 or 1).", lo=0.0)
 
 
 @dataclass
@@ -135,21 +142,64 @@ class CurriculumConfig:
     enabled: bool = opt(False, "Train stage by stage on growing timestep ranges (mode C); "
                         "false = one full-range stage (baseline).")
     stages: list[StageConfig] = opt([], "Stages in order; the last one runs to the end of training.")
+    space: str = opt("t", "What the stage bounds are fractions of: `t` (the seeds: t_min·T ≤ t < t_max·T) or "
+                     "`logsnr` (fractions of the log-SNR range, 0 = least noise, 1 = most noise).",
+                     choices=["t", "logsnr"])
+    pacing: str = opt("fixed", "`fixed`: each stage lasts its `epochs`/`steps` (the seeds). `patience` (Kim et al. "
+                      "2024): a stage ends early once its smoothed loss has not improved by a relative `min_delta` "
+                      "for `patience` steps; its `epochs`/`steps` become the maximum length.",
+                      choices=["fixed", "patience"])
+    patience: int = opt(500, "pacing `patience`: steps without improvement before the next stage starts.", lo=1)
+    min_delta: float = opt(0.01, "pacing `patience`: relative improvement of the smoothed loss that counts.",
+                           lo=0.0)
+    loss_smoothing: float = opt(0.98, "pacing `patience`: EMA factor of the all-reduced step loss it watches.",
+                                lo=0.0, hi=1.0)
+    sampler: str = opt("stage", "`stage`: t uniform in the current stage's range. `matched_histogram`: a baseline "
+                       "control (needs `enabled: false`) drawing t i.i.d. from the training-averaged histogram "
+                       "that `stages` would produce, so ordering can be told apart from reweighting.",
+                       choices=["stage", "matched_histogram"])
 
 
 @dataclass
 class SparsityConfig:
-    enabled: bool = opt(False, "Mode CS: bottleneck channel mask with regrowth (not implemented yet).")
-    initial_sparsity: float = opt(0.8, "Share of bottleneck channels masked in the first stage.",
-                                  lo=0.0, hi=1.0)
-    regrowth_method: str = opt("gradient", "How masked channels are chosen to regrow.",
-                               choices=["gradient", "gate_gradient", "weight_gradient", "random"])
+    enabled: bool = opt(False, "Mode CS: a binary mask on the bottleneck channels (the middle block's output) "
+                        "that regrows at every stage transition; masked channels' own weights stay frozen.")
+    initial_sparsity: float = opt(0.8, "Share of bottleneck channels masked in the first stage "
+                                  "(`linear`/`cosine` decay it to 0 in the last stage).", lo=0.0, hi=1.0)
+    schedule: str = opt("linear", "Sparsity per stage i of n: `linear` s0·(n−1−i)/(n−1) (seed 001), `cosine` "
+                        "s0·½(1+cos(πi/(n−1))), `list` = `per_stage` (seed 000).",
+                        choices=["linear", "cosine", "list"])
+    per_stage: list[float] = opt([], "schedule `list`: the sparsity of each stage (non-increasing), "
+                                 "e.g. [0.8, 0.6, 0.4, 0.2, 0.0].")
+    regrowth_method: str = opt("gate_gradient", "Which masked channels regrow: `gate_gradient` (largest "
+                               "accumulated |∂L/∂m_c| of the channel gate over the stage), `weight_gradient` (the "
+                               "seed's criterion: gradient magnitude of the middle block's first res block's conv2 "
+                               "weights), `gradient` (the seed's name; same as `weight_gradient`), `random` "
+                               "(seeded; the SET control).",
+                               choices=["gate_gradient", "weight_gradient", "gradient", "random"])
+    regrow_init: str = opt("keep", "Weights of a regrown channel: `keep` (the seed: its untouched "
+                           "initialisation) or `zero_out` (its fan-out into the first up block starts at zero).",
+                           choices=["keep", "zero_out"])
 
 
 @dataclass
 class RegularizationConfig:
-    enabled: bool = opt(False, "Mode CR: Group-L1 penalty on conv output channels (not implemented yet).")
-    lambda_max: float = opt(3e-5, "Penalty weight in the first stage.", lo=0.0)
+    enabled: bool = opt(False, "Mode CR: Group-L1 penalty λ·Σ_layers Σ_c ‖W[c]‖₂ over every conv layer, "
+                        "λ decaying over the stages.")
+    lambda_max: float = opt(3e-5, "Penalty weight λ in the first stage.", lo=0.0)
+    schedule: str = opt("linear", "λ per stage i of n: `linear` λmax·(n−1−i)/(n−1) (seed 001), `cosine` "
+                        "λmax·½(1+cos(πi/(n−1))) (seed 000), `list` = `per_stage`.",
+                        choices=["linear", "cosine", "list"])
+    per_stage: list[float] = opt([], "schedule `list`: λ of each stage.")
+    target: str = opt("conv_weight", "What is penalised: `conv_weight` (Group L1 on conv output channels, the "
+                      "seeds) or `norm_scale` (L1 on GroupNorm scales γ, Network Slimming).",
+                      choices=["conv_weight", "norm_scale"])
+    combine: str = opt("reg_over_batch", "Loss: `reg_over_batch` = mse + reg/batch_size (seed 001; the global "
+                       "batch size) or `reg` = mse + reg (seed 000).", choices=["reg_over_batch", "reg"])
+    prox: bool = opt(False, "Proximal step instead of the penalty's gradient: after each optimizer step "
+                     "W_c ← W_c·max(0, 1 − lr·λ'/‖W_c‖) (λ' = the loss coefficient), giving exact zeros.")
+    threshold: float = opt(0.01, "Structured sparsity report: a channel counts as pruned when its norm is below "
+                           "this share of the largest channel norm of its layer.", lo=0.0, hi=1.0)
 
 
 @dataclass
@@ -360,14 +410,33 @@ def validate(cfg: Config) -> None:
                         "pick one mode (CS or CR)")
     if (cfg.sparsity.enabled or cfg.regularization.enabled) and not cfg.curriculum.enabled:
         raise UserError("modes CS and CR follow the curriculum stages; set 'curriculum.enabled' to true")
+    _validate_variants(cfg)
+
+
+def _validate_variants(cfg: Config) -> None:
+    """Curriculum variants (pacing, matched sampler) and the CS/CR per-stage schedules."""
+    from .sparsity.schedules import stage_active_channels, stage_lambdas
+
+    cur = cfg.curriculum
+    if cur.sampler == "matched_histogram" and cur.enabled:
+        raise UserError("'curriculum.sampler' = 'matched_histogram' is a baseline control: set "
+                        "'curriculum.enabled' to false (its 'stages' then only define the histogram)")
+    if cur.pacing == "patience" and not cur.enabled:
+        raise UserError("'curriculum.pacing' = 'patience' paces curriculum stages; set 'curriculum.enabled' "
+                        "to true or use pacing 'fixed'")
+    if cfg.sparsity.enabled:
+        stage_active_channels(cfg)  # raises on a bad schedule
+    if cfg.regularization.enabled:
+        stage_lambdas(cfg)
 
 
 def _validate_stages(cfg: Config) -> None:
     cur = cfg.curriculum
-    if not cur.enabled:
+    if not (cur.enabled or cur.sampler == "matched_histogram"):
         return
     if not cur.stages:
-        raise UserError("'curriculum.enabled' is true but 'curriculum.stages' is empty; "
+        why = "'curriculum.enabled' is true" if cur.enabled else "the matched_histogram sampler needs stages"
+        raise UserError(f"{why} but 'curriculum.stages' is empty; "
                         "list stages like {\"t_min\": 0.8, \"t_max\": 1.0, \"epochs\": 1}")
     for i, st in enumerate(cur.stages):
         where = f"curriculum.stages[{i}]"

@@ -7,14 +7,13 @@ Adam, EMA) in NCHW and channels_last, measured alternately in one run so the rat
 from __future__ import annotations
 
 import argparse
-import json
-import time
 
 import torch
 
 from ddpm_curriculum.config import load_config
 from ddpm_curriculum.errors import run_cli
 from ddpm_curriculum.training import builders
+from ddpm_curriculum.training.benchmark import print_result, time_interleaved
 from ddpm_curriculum.training.ema import EMA
 
 
@@ -52,22 +51,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     cfg = load_config(args.config)
     steps = {"nchw": make_step(cfg, False, args.batch), "channels_last": make_step(cfg, True, args.batch)}
-    for fn in steps.values():
-        fn()  # warm-up
-    times = {k: [] for k in steps}
-    for _ in range(args.rounds):
-        for name, fn in steps.items():
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                fn()
-            times[name].append((time.perf_counter() - t0) / args.steps)
+    times = time_interleaved(steps, args.rounds, args.steps)
     result = {"config": args.config, "batch": args.batch, "threads": torch.get_num_threads(),
               "img_per_sec": {k: args.batch / min(v) for k, v in times.items()}}
     result["channels_last_speedup"] = result["img_per_sec"]["channels_last"] / result["img_per_sec"]["nchw"]
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    print_result(result, args.json)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm_curriculum.errors import UserError
-from ddpm_curriculum.models import MODELS, UNet, build_model, count_parameters, timestep_embedding
+from ddpm_curriculum.models import MODELS, SparseUNet, UNet, build_model, count_parameters, timestep_embedding
 from ddpm_curriculum.models.unet import (ZERO_INIT_SCALE, AttentionBlock, MiddleBlock, ResAttnBlock,
                                          ResidualBlock, SamePad2d, tf_same_pad)
 
@@ -394,9 +394,11 @@ def test_matches_diffusers_unet2d_with_same_layout():
 
 
 def test_registry_builds_unet():
-    assert MODELS == {"unet": UNet}
+    assert MODELS == {"unet": UNet, "sparse_unet": SparseUNet}
     model = build_model("unet", hid_channels=32, ch_multipliers=(1, 2), apply_attn=(False, True))
     assert isinstance(model, UNet)
+    sparse = build_model("sparse_unet", hid_channels=32, ch_multipliers=(1, 2), apply_attn=(False, True))
+    assert isinstance(sparse, SparseUNet) and sparse.channel_mask.shape == (64,)
     assert count_parameters(nn.Linear(3, 2)) == 8
 
 
@@ -407,7 +409,8 @@ def test_attention_level_blocks_are_res_attn():
 
 
 @pytest.mark.parametrize("name, kwargs, match", [
-    ("resnet", {}, r"unknown model 'resnet'; valid names: unet"),
+    ("resnet", {}, r"unknown model 'resnet'; valid names: sparse_unet, unet"),
+    ("sparse_unet", {"hidden": 64}, r"unknown argument\(s\) hidden .*valid arguments: in_channels, hid_channels"),
     ("unet", {"hidden": 64}, r"unknown argument\(s\) hidden .*valid arguments: in_channels, hid_channels"),
     ("unet", {"ch_multipliers": (1, 2), "apply_attn": (False, True, False)}, r"apply_attn has 3 entries"),
     ("unet", {"hid_channels": 48, "ch_multipliers": (1, 2), "apply_attn": False}, r"divisible by 32.*hid_channels"),

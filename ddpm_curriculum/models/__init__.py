@@ -11,12 +11,13 @@ import inspect
 from torch import nn
 
 from ..errors import UserError
+from .sparse_unet import GateProbe, SparseUNet
 from .unet import AttentionBlock, ResidualBlock, UNet, timestep_embedding
 
-MODELS: dict[str, type[nn.Module]] = {"unet": UNet}
+MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "sparse_unet": SparseUNet}
 
-__all__ = ["MODELS", "build_model", "count_parameters", "UNet", "ResidualBlock", "AttentionBlock",
-           "timestep_embedding"]
+__all__ = ["MODELS", "build_model", "count_parameters", "UNet", "SparseUNet", "GateProbe", "ResidualBlock",
+           "AttentionBlock", "timestep_embedding"]
 
 
 def build_model(name: str, **kwargs) -> nn.Module:

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..config import Config, DatasetConfig
 from ..data import build_dataset, dataset_image_shape
-from ..diffusion import CurriculumDiffusion, make_betas
+from ..diffusion import CurriculumDiffusion, make_betas, make_loss_weights, matched_histogram
 from ..errors import UserError
 from ..models import build_model
 
@@ -49,7 +49,9 @@ def make_model(cfg: Config) -> nn.Module:
     if h % factor or w % factor:
         raise UserError(f"image size {h}x{w} is not divisible by {factor} "
                         f"({len(m.ch_multipliers)} UNet levels); change dataset.image_size or model.ch_multipliers")
-    return build_model(m.name, in_channels=m.in_channels, hid_channels=m.hid_channels,
+    # Mode CS needs the gated network; with an all-ones mask it computes exactly what "unet" computes.
+    name = "sparse_unet" if cfg.sparsity.enabled else m.name
+    return build_model(name, in_channels=m.in_channels, hid_channels=m.hid_channels,
                        ch_multipliers=tuple(m.ch_multipliers), num_res_blocks=m.num_res_blocks,
                        apply_attn=tuple(m.apply_attn), drop_rate=m.drop_rate,
                        resample_with_conv=m.resample_with_conv, norm_groups=m.norm_groups, norm_eps=m.norm_eps)
@@ -59,4 +61,22 @@ def make_diffusion(cfg: Config) -> CurriculumDiffusion:
     d = cfg.diffusion
     betas = make_betas(d.beta_schedule, d.timesteps, d.beta_start, d.beta_end)
     return CurriculumDiffusion(betas, prediction_type=d.model_mean_type, var_type=d.model_var_type,
-                               loss_type=d.loss_type)
+                               loss_type=d.loss_type, space=cfg.curriculum.space)
+
+
+def loss_weights(cfg: Config, diffusion: CurriculumDiffusion):
+    """``train.loss_weighting`` as a callable t [B] → w [B], or None for `none`."""
+    t = cfg.train
+    params = {"min_snr": dict(gamma=t.min_snr_gamma), "p2": dict(k=t.p2_k, gamma=t.p2_gamma)}
+    return make_loss_weights(t.loss_weighting, diffusion, **params.get(t.loss_weighting, {}))
+
+
+def timestep_probs(cfg: Config, diffusion: CurriculumDiffusion, steps_per_epoch: int):
+    """The matched-histogram sampler's p(t) [T] (float64), or None for the stage sampler."""
+    if cfg.curriculum.sampler != "matched_histogram":
+        return None
+    from .plan import curriculum_layout
+
+    layout = curriculum_layout(cfg, steps_per_epoch)
+    return matched_histogram([diffusion.range_indices(s.t_min, s.t_max) for s in layout],
+                             [s.num_steps for s in layout], diffusion.timesteps)

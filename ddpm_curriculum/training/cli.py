@@ -10,10 +10,9 @@ from pathlib import Path
 
 from .. import dist
 from ..config import Config, config_from_dict, load_config
-from ..diffusion import time_range_indices
 from ..errors import UserError
 from .checkpoint import latest_checkpoint, load_checkpoint
-from .plan import build_plan, total_steps
+from .plan import build_plan, curriculum_layout, total_steps
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,8 +78,10 @@ def default_run_dir(args) -> Path:
 
 
 def describe_plan(cfg: Config) -> str:
-    """The stage plan as text: t-range (integers) and length of each stage."""
-    from .builders import make_dataset
+    """The stage plan as text: t-range (integers) and length of each stage, plus what the mode does per stage
+    (active channels for CS, λ for CR) and the timestep sampler/weighting/pacing when not the defaults."""
+    from ..sparsity import stage_notes
+    from .builders import make_dataset, make_diffusion
 
     try:
         n = len(make_dataset(cfg))
@@ -88,31 +89,58 @@ def describe_plan(cfg: Config) -> str:
     except UserError as exc:
         n, spe = None, None
         note = f"(dataset not available: {exc})"
-    T = cfg.diffusion.timesteps
-    lines = [f"mode: {cfg.mode}"]
+    diffusion, T, cur = make_diffusion(cfg), cfg.diffusion.timesteps, cfg.curriculum
+    notes = stage_notes(cfg) if cur.enabled else []
+    where = "of T" if cur.space == "t" else "of the log-SNR range"
+    lines = [f"mode: {cfg.mode}"] + _variant_lines(cfg)
     if spe:
         lines.append(f"dataset: {cfg.dataset.name}, {n} samples, {spe} steps per epoch at global batch "
                      f"{cfg.train.batch_size}; total {total_steps(cfg, spe)} steps")
         for s in build_plan(cfg, spe):
-            lo, hi = time_range_indices(s.t_min, s.t_max, T)
-            lines.append(f"  stage {s.index + 1} {s.name}: t in [{lo}, {hi}] ({s.t_min:g}-{s.t_max:g} of T={T}), "
-                         f"steps {s.start_step}..{s.end_step - 1} ({s.num_steps} steps, "
-                         f"{s.num_steps / spe:g} epochs)")
+            lo, hi = diffusion.range_indices(s.t_min, s.t_max)
+            lines.append(f"  stage {s.index + 1} {s.name}: t in [{lo}, {hi}] ({s.t_min:g}-{s.t_max:g} {where}, "
+                         f"T={T}), steps {s.start_step}..{s.end_step - 1} ({s.num_steps} steps, "
+                         f"{s.num_steps / spe:g} epochs){'; ' + notes[s.index] if notes else ''}")
+        if cur.sampler == "matched_histogram":
+            total = total_steps(cfg, spe)
+            for s in curriculum_layout(cfg, spe):
+                lo, hi = diffusion.range_indices(s.t_min, s.t_max)
+                lines.append(f"  matched to {s.name}: t in [{lo}, {hi}] for {s.num_steps} steps "
+                             f"({s.num_steps / total:.1%} of the run)")
     else:
         lines.append(note)
-        stages = cfg.curriculum.stages if cfg.curriculum.enabled else []
+        stages = cur.stages if cur.enabled else []
         for i, s in enumerate(stages):
-            lo, hi = time_range_indices(s.t_min, s.t_max, T)
+            lo, hi = diffusion.range_indices(s.t_min, s.t_max)
             length = f"{s.epochs} epochs" if s.epochs is not None else f"{s.steps} steps"
             lines.append(f"  stage {i + 1} {s.name or f'stage{i + 1}'}: t in [{lo}, {hi}], {length}"
-                         f"{' (runs to the end)' if i == len(stages) - 1 else ''}")
+                         f"{' (runs to the end)' if i == len(stages) - 1 else ''}{'; ' + notes[i] if notes else ''}")
     return "\n".join(lines)
 
 
-def check_mode_supported(cfg: Config) -> None:
-    if cfg.mode in ("CS", "CR"):
-        raise UserError(f"mode {cfg.mode} ({'sparsity' if cfg.mode == 'CS' else 'regularization'}.enabled) "
-                        f"is not implemented yet; set it to false to train mode C")
+def _variant_lines(cfg: Config) -> list[str]:
+    cur, t = cfg.curriculum, cfg.train
+    lines = []
+    if cur.sampler == "matched_histogram":
+        lines.append("timestep sampler: matched_histogram (t i.i.d. from the histogram the stages below would "
+                     "produce over the whole run; no ordering)")
+    if cur.pacing == "patience" and cur.enabled:
+        lines.append(f"pacing: patience {cur.patience} steps, min_delta {cur.min_delta:g} (stage lengths below "
+                     f"are maxima)")
+    if t.loss_weighting != "none":
+        params = f"γ={t.min_snr_gamma:g}" if t.loss_weighting == "min_snr" else f"k={t.p2_k:g}, γ={t.p2_gamma:g}"
+        lines.append(f"loss weighting: {t.loss_weighting} ({params}, {cfg.diffusion.model_mean_type}-prediction)")
+    if cfg.sparsity.enabled:
+        sp = cfg.sparsity
+        seed = " (the seed's criterion, = weight_gradient; the default gate_gradient is the sound one)" \
+            if sp.regrowth_method == "gradient" else ""
+        lines.append(f"sparsity: schedule {sp.schedule}, regrowth {sp.regrowth_method}{seed}, "
+                     f"regrow_init {sp.regrow_init}")
+    if cfg.regularization.enabled:
+        reg = cfg.regularization
+        lines.append(f"regularization: {reg.target}, schedule {reg.schedule}, loss = mse + "
+                     f"{'reg/batch_size' if reg.combine == 'reg_over_batch' else 'reg'}{', prox' if reg.prox else ''}")
+    return lines
 
 
 def worker(args, cfg_dict: dict, run_dir: str, resume: bool) -> int:
@@ -128,6 +156,8 @@ def worker(args, cfg_dict: dict, run_dir: str, resume: bool) -> int:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         dist.print0(f"mode {cfg.mode}, world size {dist.world_size()}, device {device}, run dir {run_dir}")
+        for line in _variant_lines(cfg):
+            dist.print0(line)
         trainer = CurriculumTrainer(cfg, run_dir, device, resume_state=state,
                                     stop_at_step=args.stop_at_step, progress=not args.no_progress)
         if state is not None:
@@ -156,7 +186,6 @@ def main(argv=None) -> int:
         print(json.dumps(cfg.to_dict(), indent=2))
         print(describe_plan(cfg))
         return 0
-    check_mode_supported(cfg)
     run_dir = default_run_dir(args)
     resume = state is not None
     if not resume and latest_checkpoint(run_dir) is not None:

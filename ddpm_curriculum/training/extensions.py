@@ -5,10 +5,13 @@ changes at stage transitions, a penalty in the loss, gradients read after backwa
 the optimizer step. Each such mode is a :class:`TrainingExtension`; the trainer calls every extension's
 hooks at fixed points of a step and stores their state in checkpoints::
 
-    stage starts       → on_stage_start(trainer, stage)          (also at step 0; not again on resume)
+    stage starts       → on_stage_start(trainer, stage)          (also at step 0; not again on resume;
+                                                                 may add fields to trainer.transition, the
+                                                                 stage's line in transitions.jsonl)
     after the forward  → loss_terms(trainer)  → {name: scalar}   (added to the loss, logged separately)
     after backward     → after_backward(trainer)                 (before clipping and the optimizer step)
     after the step     → after_step(trainer)                     (before the EMA update)
+    stage ends         → on_stage_end(trainer, stage)            (after its last step, also the final one)
     at each log line   → log_fields(trainer)  → {name: value}    (merged into metrics.jsonl)
 
 Every hook runs on every rank with identical inputs, so decisions taken in them (which channels to
@@ -42,6 +45,9 @@ class TrainingExtension:
         pass
 
     def after_step(self, trainer) -> None:
+        pass
+
+    def on_stage_end(self, trainer, stage) -> None:
         pass
 
     def log_fields(self, trainer) -> dict:
@@ -123,6 +129,8 @@ def build_extensions(cfg, model: nn.Module) -> list[TrainingExtension]:
     An extension that needs to survive a resume keeps its state in ``state_dict`` or in model buffers
     (``FrozenEntries`` is re-derived from the buffers, so it needs no state of its own).
     """
-    factories = []
+    from ..sparsity import make_channel_sparsity, make_group_l1
+
+    factories = [make_channel_sparsity, make_group_l1]
     extensions = [factory(cfg, model) for factory in factories]
     return [e for e in extensions if e is not None]

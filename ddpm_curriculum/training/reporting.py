@@ -13,54 +13,87 @@ from .. import dist
 from ..diffusion import ddim_sample
 
 
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one JSON line (callers write on rank 0 only)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 class MetricsLog:
     """Accumulates per-step statistics on the device; ``flush`` reduces them over ranks and writes one line.
 
-    Both ``flush`` and ``epoch_loss`` are collectives: every rank calls them at the same steps.
+    ``loss`` is the training objective: the mean of w(t)·per-sample loss plus the mean of the modes' loss
+    terms; ``mse`` is the mean unweighted per-sample diffusion loss (what ``loss_per_t_bin`` bins, and what
+    runs with different weightings can be compared on); each loss term (e.g. ``reg``) is also reported.
+    Both ``flush`` and ``epoch_summary`` are collectives: every rank calls them at the same steps.
     """
 
     def __init__(self, path: Path | None, num_bins: int, timesteps: int, device: torch.device):
         self.path, self.num_bins, self.timesteps, self.device = path, num_bins, timesteps, device
-        # [loss_sum, count, grad_norm_sum, steps, bin_loss_sum × bins, bin_count × bins]
-        self.acc = torch.zeros(4 + 2 * num_bins, dtype=torch.float64, device=device)
-        self.epoch_acc = torch.zeros(2, dtype=torch.float64, device=device)
+        # [objective_sum, mse_sum, count, grad_norm_sum, steps, bin_loss_sum × bins, bin_count × bins, terms…]
+        self.acc = torch.zeros(5 + 2 * num_bins, dtype=torch.float64, device=device)
+        # [objective_sum, mse_sum, count, steps, terms…]
+        self.epoch_acc = torch.zeros(4, dtype=torch.float64, device=device)
+        self.term_names: list[str] | None = None  # fixed at the first step that has terms
         self.t_last = time.perf_counter()
 
-    def add(self, per_sample: torch.Tensor, t: torch.Tensor, grad_norm: torch.Tensor, n: int) -> None:
+    def add(self, per_sample: torch.Tensor, weights: torch.Tensor | None, t: torch.Tensor,
+            grad_norm: torch.Tensor, n: int, terms: dict | None = None) -> None:
+        """One step: unweighted per-sample losses [B] with their weights [B] (or None) and timesteps [B]."""
         loss = per_sample.double()
+        objective = loss.sum() if weights is None else (loss * weights.double()).sum()
+        terms = terms or {}
+        if terms and self.term_names is None:
+            self.term_names = list(terms)
+            extra = torch.zeros(len(terms), dtype=torch.float64, device=self.device)
+            self.acc, self.epoch_acc = torch.cat([self.acc, extra]), torch.cat([self.epoch_acc, extra])
         bins = (t * self.num_bins // self.timesteps).clamp_(max=self.num_bins - 1)
-        self.acc[0] += loss.sum()
-        self.acc[1] += n
-        self.acc[2] += grad_norm.double()
-        self.acc[3] += 1
-        self.acc[4:4 + self.num_bins].index_add_(0, bins, loss)
-        self.acc[4 + self.num_bins:].index_add_(0, bins, torch.ones_like(loss))
-        self.epoch_acc[0] += loss.sum()
-        self.epoch_acc[1] += n
+        self.acc[0] += objective
+        self.acc[1] += loss.sum()
+        self.acc[2] += n
+        self.acc[3] += grad_norm.double()
+        self.acc[4] += 1
+        self.acc[5:5 + self.num_bins].index_add_(0, bins, loss)
+        self.acc[5 + self.num_bins:5 + 2 * self.num_bins].index_add_(0, bins, torch.ones_like(loss))
+        self.epoch_acc[:4] += torch.stack([objective, loss.sum(), loss.new_tensor(float(n)), loss.new_tensor(1.0)])
+        if self.term_names:
+            values = torch.stack([terms[k].detach().double().reshape(()) for k in self.term_names])
+            self.acc[5 + 2 * self.num_bins:] += values
+            self.epoch_acc[4:] += values
+
+    def _terms(self, sums: list[float], steps: float) -> dict:
+        # every rank adds the same (replicated) term, so the mean divides by the summed step count
+        return {k: v / max(steps, 1) for k, v in zip(self.term_names or [], sums)}
 
     def flush(self, **fields) -> dict | None:
         acc = dist.all_reduce_sum(self.acc.clone()).tolist()
         self.acc.zero_()
         now = time.perf_counter()
         elapsed, self.t_last = now - self.t_last, now
-        loss_sum, count, gn_sum, steps = acc[:4]
+        objective, mse, count, gn_sum, steps = acc[:5]
         if count == 0:
             return None
-        steps_per_rank = steps / dist.world_size()
         b = self.num_bins
+        terms = self._terms(acc[5 + 2 * b:], steps)
         rec = dict(fields)
-        rec.update(loss=loss_sum / count, grad_norm=gn_sum / max(steps, 1), img_per_sec=count / max(elapsed, 1e-9),
-                   loss_per_t_bin=[s / c if c else None for s, c in zip(acc[4:4 + b], acc[4 + b:])],
-                   steps_in_interval=int(steps_per_rank))
+        rec.update(loss=objective / count + sum(terms.values()), mse=mse / count, **terms,
+                   grad_norm=gn_sum / max(steps, 1), img_per_sec=count / max(elapsed, 1e-9),
+                   loss_per_t_bin=[s / c if c else None for s, c in zip(acc[5:5 + b], acc[5 + b:5 + 2 * b])],
+                   steps_in_interval=int(steps / dist.world_size()))
         if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_jsonl(self.path, rec)
         return rec
 
-    def epoch_loss(self) -> float:
+    def epoch_summary(self) -> dict[str, float]:
+        """Means over the steps since the last call: ``loss`` (objective), ``mse`` and each loss term."""
         acc = dist.all_reduce_sum(self.epoch_acc.clone()).tolist()
         self.epoch_acc.zero_()
-        return acc[0] / acc[1] if acc[1] else float("nan")
+        objective, mse, count, steps = acc[:4]
+        if not count:
+            return {"loss": float("nan")}
+        terms = self._terms(acc[4:], steps)
+        return {"loss": objective / count + sum(terms.values()), "mse": mse / count, **terms}
 
 
 @torch.no_grad()

@@ -2,14 +2,15 @@
 
 One optimizer step reads like the algorithm::
 
-    batch → t from the current stage's range, ε, flips (seeded by the step) → loss (+ mode terms)
+    batch → t from the current stage's range, ε, flips (seeded by the step) → w(t)·loss (+ mode terms)
           → backward → (mode: read/zero gradients) → clip → optimizer step → (mode: fix weights)
           → LR schedule → EMA
 
 Modes plug in as ``TrainingExtension`` objects (``extensions.py``) instead of forking this loop.
 Everything else (logging, sample grids, checkpoints, stop requests) lives in named methods that run
-between steps. The stage is a pure function of the global step (see ``plan.py``), so ranks and
-resumed runs agree without communication.
+between steps. With fixed pacing the stage is a pure function of the global step (see ``plan.py``), so
+ranks and resumed runs agree without communication; patience pacing decides on the all-reduced loss and
+keeps its state in the checkpoint.
 """
 
 from __future__ import annotations
@@ -32,11 +33,16 @@ from . import builders
 from .checkpoint import FORMAT_VERSION, check_compatible, load_checkpoint, save_checkpoint
 from .ema import EMA
 from .extensions import build_extensions
-from .plan import build_plan, stage_at, total_steps
-from .reporting import MetricsLog, evaluate_samples, save_grid
+from .plan import PACINGS, stage_at, total_steps
+from .reporting import MetricsLog, append_jsonl, evaluate_samples, save_grid
 from .sampler import ShardedBatchSampler, mix_seed, step_generator
 
 NUM_T_BINS = 10  # metrics.jsonl reports the loss averaged over 10 equal timestep bins
+
+
+def _fmt(value: float) -> str:
+    """4 decimals as in the seeds' log line; small non-zero terms (a Group-L1 reg) in scientific notation."""
+    return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.3e}"
 
 
 class TrainingDiverged(RuntimeError):
@@ -62,6 +68,7 @@ class CurriculumTrainer:
         self.image_shape = tuple(self.dataset.image_shape)
         self.flip = builders.use_random_flip(cfg)
         self.diffusion = builders.make_diffusion(cfg)
+        self.loss_weights = builders.loss_weights(cfg, self.diffusion)  # None = unweighted
         self.model = builders.make_model(cfg).to(device)
         if cfg.model.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -76,10 +83,13 @@ class CurriculumTrainer:
         self.sampler = ShardedBatchSampler(len(self.dataset), t.batch_size, self.rank, self.world, t.seed)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = total_steps(cfg, self.steps_per_epoch)
-        self.plan = build_plan(cfg, self.steps_per_epoch)
+        self.diffusion.set_timestep_probs(builders.timestep_probs(cfg, self.diffusion, self.steps_per_epoch))
+        self.pacing = PACINGS[cfg.curriculum.pacing](cfg, self.steps_per_epoch)
+        self.plan = self.pacing.plan()
         self.step = 0
         self.stage_entered = -1  # index of the last stage whose on_stage_start hooks ran
         self.loss_terms: dict[str, torch.Tensor] = {}  # the extensions' loss terms of the last step (detached)
+        self.transition: dict = {}  # the transitions.jsonl record of the current stage start
         if resume_state is not None:
             self._load_state(resume_state)
 
@@ -144,10 +154,12 @@ class CurriculumTrainer:
             stage = self.stage
             if stage.index != self.stage_entered:
                 self._enter_stage(stage)
-            loss_sum, stop = self.train_step(images)
+            loss, stop = self.train_step(images)
             self.step += 1
+            if self.pacing.update(self.plan, self.step, loss):  # patience pacing ended the stage early
+                self.plan = self.pacing.plan()
             bar.update(1)
-            self._after_step(stage, bar)
+            self._after_step(self.plan[stage.index], bar)
             if stop or (self.stop_at_step is not None and self.step >= self.stop_at_step):
                 self._stop()
                 return True
@@ -157,18 +169,24 @@ class CurriculumTrainer:
 
     def _enter_stage(self, stage) -> None:
         self.diffusion.set_time_range(stage.t_min, stage.t_max)
+        # One line per stage start in transitions.jsonl; extensions add their fields in on_stage_start.
+        self.transition = {"step": self.step, "stage": stage.name, "stage_index": stage.index,
+                           "t_range": list(self.diffusion.time_range)}
         for ext in self.extensions:
             ext.on_stage_start(self, stage)
         self.stage_entered = stage.index
+        if dist.is_main():
+            append_jsonl(self.run_dir / "transitions.jsonl", self.transition)
 
     def train_step(self, images: torch.Tensor) -> tuple[float, bool]:
         """One optimizer step on this rank's share of the global batch.
 
-        Returns (sum of this rank's per-sample losses, whether any rank asked to stop).
+        Returns (mean unweighted per-sample loss over the global batch, whether any rank asked to stop).
         Raises TrainingDiverged (after checkpointing the last good state) on a NaN/inf loss.
         """
         t_cfg, G = self.cfg.train, self.cfg.train.batch_size
         x0, t, noise = self._draw(images, G)
+        weights = self.loss_weights(t) if self.loss_weights is not None else None
         micro = x0.shape[0] // t_cfg.accum_steps
         losses = []
         for k in range(t_cfg.accum_steps):
@@ -176,17 +194,15 @@ class CurriculumTrainer:
             sync = k == t_cfg.accum_steps - 1 or self.world == 1
             with (contextlib.nullcontext() if sync else self.ddp_model.no_sync()), self._autocast():
                 per_sample = self.diffusion.training_losses(self.train_model, x0[sl], t[sl], noise[sl])
-                loss = per_sample.mean() / t_cfg.accum_steps
+                objective = per_sample if weights is None else per_sample * weights[sl]
+                loss = objective.mean() / t_cfg.accum_steps
                 if k == t_cfg.accum_steps - 1:  # mode terms once per step, inside DDP's forward/backward
                     terms = self._loss_terms()
                     loss = loss + sum(terms.values())
             self.scaler.scale(loss).backward()
             losses.append(per_sample.detach().float())
         per_sample = torch.cat(losses)
-        # One tiny collective per step: any rank's non-finite loss or stop request stops all ranks.
-        flags = torch.tensor([float(not torch.isfinite(per_sample).all()), float(self._stop_requested)],
-                             device=self.device)
-        bad, stop = (dist.all_reduce_sum(flags) > 0).tolist()
+        bad, stop, mean_loss = self._step_status(per_sample)
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
             self._diverged()
@@ -202,8 +218,20 @@ class CurriculumTrainer:
             ext.after_step(self)
         if self.ema is not None:
             self.ema.update(self.model)
-        self.log.add(per_sample, t, grad_norm.detach(), x0.shape[0])
-        return float(per_sample.sum()), stop
+        self.log.add(per_sample, weights, t, grad_norm.detach(), x0.shape[0], self.loss_terms)
+        return mean_loss, stop
+
+    def _step_status(self, per_sample: torch.Tensor) -> tuple[bool, bool, float]:
+        """One tiny collective per step: (any rank's loss non-finite, any rank asked to stop, global mean loss).
+
+        The mean (unweighted) loss over the global batch is what patience pacing watches.
+        """
+        status = torch.tensor([0.0, float(self._stop_requested), 0.0, float(per_sample.numel())],
+                              dtype=torch.float64, device=self.device)
+        status[0] = (~torch.isfinite(per_sample)).any()
+        status[2] = per_sample.double().sum()
+        bad, stop, loss_sum, count = dist.all_reduce_sum(status).tolist()
+        return bad > 0, stop > 0, loss_sum / count
 
     def _loss_terms(self) -> dict[str, torch.Tensor]:
         terms = {}
@@ -251,8 +279,15 @@ class CurriculumTrainer:
         stage_end = self.step == stage.end_step
         epoch_end = self.step % self.steps_per_epoch == 0
         if epoch_end:
+            summary = self.log.epoch_summary()  # collective: every rank calls it
+            # loss alone as before, unless a weighting or a mode term makes mse (and reg) differ from it
+            if not self.loss_terms and self.loss_weights is None:
+                summary = {"loss": summary["loss"]}
             dist.print0(f"{self.epoch}/{self.total_steps / self.steps_per_epoch:g} epochs [{stage.name}]: "
-                        f"loss={self.log.epoch_loss():.4f}")
+                        + ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items()))
+        if stage_end:
+            for ext in self.extensions:
+                ext.on_stage_end(self, stage)
         if stage_end and self.step < self.total_steps:
             dist.print0(f"stage {stage.index + 1}/{len(self.plan)} '{stage.name}' done at step {self.step}; "
                         f"next: '{self.plan[stage.index + 1].name}'")
@@ -325,6 +360,7 @@ class CurriculumTrainer:
             "pos_in_epoch": self.step % self.steps_per_epoch,
             "stage": self.stage.index,
             "stage_entered": self.stage_entered,
+            "pacing": self.pacing.state_dict(),
             "extensions": {ext.name: ext.state_dict() for ext in self.extensions},
             "world_size": self.world,
             "rng": dist.all_gather_object(rng),  # one entry per rank
@@ -354,6 +390,8 @@ class CurriculumTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        self.pacing.load_state_dict(state.get("pacing") or {})
+        self.plan = self.pacing.plan()
         self.stage_entered = int(state.get("stage_entered", -1))
         if self.stage_entered >= 0:
             self.diffusion.set_time_range(self.plan[self.stage_entered].t_min, self.plan[self.stage_entered].t_max)
