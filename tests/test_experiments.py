@@ -119,3 +119,18 @@ def test_script_quick_mode_and_bad_grid(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "scripts/run_experiments.py"), str(tmp_path / "nope.json")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "grid file not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_repository_grid_quick_mode_runs_every_arm(tmp_path):
+    """configs/experiments/twoscale_modes.json --quick: every arm trains, is scored and lands in the report."""
+    grid = ROOT / "configs/experiments/twoscale_modes.json"
+    res = subprocess.run([sys.executable, str(ROOT / "scripts/run_experiments.py"), str(grid), "--quick",
+                          "--jobs", "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    recs = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    arms = [a["name"] for a in json.loads(grid.read_text())["arms"]]
+    assert sorted(r["arm"] for r in recs) == sorted(arms) and not any("error" in r for r in recs)
+    assert all(r["final"] and r["step"] == 100 for r in recs)
+    report = (tmp_path / "report.md").read_text()
+    assert all(f"| {a} (n=1) |" in report for a in arms)

@@ -14,7 +14,7 @@ A grid file looks like (keys starting with ``_`` are comments)::
       "seeds": [0, 1, 2],                             # each sets train.seed
       "eval_at": [0.25, 0.5, 1.0],                    # fractions of the training length
       "eval": {"num_samples": 512, "sample_steps": 25, "seed": 1234},
-      "quick": {"seeds": [0], "set": ["train.steps=8"], "eval": {"num_samples": 16}}
+      "quick": {"seeds": [0], "set": ["train.steps=8"], "eval": {"num_samples": 16}, "eval_at": [1.0]}
     }
 
 A run's config is: the arm's config file (or ``base_config``) ← grid ``set`` ← arm ``set`` ← the seed ←
@@ -57,6 +57,7 @@ class QuickConfig:
     seeds: list[int] = opt([0], "Seeds used with --quick.")
     set: list[str] = opt([], "Overrides applied last with --quick (shrink steps, data, model).")
     eval: GridEvalConfig | None = opt(None, "Evaluation settings with --quick; null = the grid's.")
+    eval_at: list[float] | None = opt(None, "Evaluation points with --quick; null = the grid's.")
 
 
 @dataclass
@@ -102,8 +103,9 @@ def load_grid(path: str | Path) -> GridConfig:
         raise UserError(f"grid {path}: arm names must be unique, got {names}")
     if grid.baseline_arm is not None and grid.baseline_arm not in names:
         raise UserError(f"grid {path}: baseline_arm '{grid.baseline_arm}' is not one of the arms {names}")
-    if not grid.eval_at or not all(0 < f <= 1 for f in grid.eval_at):
-        raise UserError(f"grid {path}: 'eval_at' = {grid.eval_at} must be fractions in (0, 1]")
+    for key, fractions in (("eval_at", grid.eval_at), ("quick.eval_at", grid.quick.eval_at or [1.0])):
+        if not fractions or not all(0 < f <= 1 for f in fractions):
+            raise UserError(f"grid {path}: '{key}' = {fractions} must be fractions in (0, 1]")
     if not grid.seeds or (not grid.quick.seeds):
         raise UserError(f"grid {path}: 'seeds' and 'quick.seeds' must not be empty")
     if len(set(grid.seeds)) != len(grid.seeds):
@@ -128,7 +130,8 @@ def expand_runs(grid: GridConfig, quick: bool = False, steps_per_epoch=None) -> 
                          *RUN_OVERRIDES]
             cfg = load_config(source, overrides)
             total = cfg.train.steps if cfg.train.steps is not None else cfg.train.epochs * steps_per_epoch(cfg)
-            points = sorted({max(1, min(total, round(f * total))) for f in grid.eval_at} | {total})
+            fractions = grid.quick.eval_at if quick and grid.quick.eval_at is not None else grid.eval_at
+            points = sorted({max(1, min(total, round(f * total))) for f in fractions} | {total})
             runs.append(RunSpec(arm.name, seed, cfg, tuple(points)))
     return runs
 
