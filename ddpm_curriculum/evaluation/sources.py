@@ -81,7 +81,7 @@ class NpzImages:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
-            raise UserError(f"sample file not found: {self.path}; pass an .npz written by generate.py --npz")
+            raise UserError(f"image file not found: {self.path}; pass an .npz of uint8 images (generate.py --npz)")
         try:
             with np.load(self.path, allow_pickle=False) as f:
                 key = "arr_0" if "arr_0" in f.files else (f.files[0] if len(f.files) == 1 else None)

@@ -199,8 +199,9 @@ class FIDInceptionV3(nn.Module):
             raise UserError(f"Inception feature dims {bad} not available; choose from {list(BLOCK_DIMS)}")
         x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)
         x = 2 * x - 1
-        if next(self.parameters()).is_contiguous(memory_format=torch.channels_last):
-            x = x.contiguous(memory_format=torch.channels_last)
+        # the weights' layout decides: channels_last on CPU (faster), plain NCHW elsewhere (pytorch-fid's)
+        channels_last = next(self.parameters()).is_contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         out = {}
         for block_dim, block in zip(BLOCK_DIMS, self._blocks()):
             for layer in block:

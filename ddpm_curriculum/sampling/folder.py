@@ -60,7 +60,7 @@ def _write_atomic(path: Path, write) -> None:
 
 def write_png(path: Path, image: np.ndarray) -> None:
     """uint8 [H, W, C] → PNG at ``path``, atomically."""
-    img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image, PIL_MODES[image.shape[-1]])
+    img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)  # uint8 → L, RGB or RGBA
     _write_atomic(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
