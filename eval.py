@@ -1,7 +1,8 @@
-"""eval.py: filled in by a later issue (see README.md, "Status")."""
+"""FID, precision/recall, density/coverage and oracle metrics of generated images. See README.md
+("Generating and evaluating") and `python eval.py --help`."""
 
-import sys
+from ddpm_curriculum.errors import run_cli
+from ddpm_curriculum.evaluation.cli import main
 
 if __name__ == "__main__":
-    print("error: eval.py is not implemented yet; see README.md (Status) for what works today", file=sys.stderr)
-    sys.exit(2)
+    raise SystemExit(run_cli(main))

@@ -1,7 +1,8 @@
-"""generate.py: filled in by a later issue (see README.md, "Status")."""
+"""Sample a trained DDPM into numbered PNGs. See README.md ("Generating and evaluating") and
+`python generate.py --help`."""
 
-import sys
+from ddpm_curriculum.errors import run_cli
+from ddpm_curriculum.sampling.cli import main
 
 if __name__ == "__main__":
-    print("error: generate.py is not implemented yet; see README.md (Status) for what works today", file=sys.stderr)
-    sys.exit(2)
+    raise SystemExit(run_cli(main))

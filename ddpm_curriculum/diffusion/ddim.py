@@ -83,11 +83,11 @@ def ddim_step(diffusion, model_out: torch.Tensor, x_t: torch.Tensor, t: int, t_p
 @torch.no_grad()
 def ddim_sample(diffusion, model, x_T: torch.Tensor, steps: int, eta: float = 0.0, skip_type: str = "uniform",
                 generator=None, progress: bool = False, clip_denoised: bool = True,
-                t_max: int | None = None) -> torch.Tensor:
+                t_max: int | None = None, noise_fn=None) -> torch.Tensor:
     """DDIM from x_T [B, …] (at the last of ``ddim_timesteps(T, steps, skip_type, t_max)``) → x0 [B, …].
 
-    η = 0 is deterministic; η > 0 draws z with ``generator`` on x_T's device. See ``ddim_step`` for
-    ``clip_denoised``.
+    η = 0 is deterministic; η > 0 draws z with ``generator`` on x_T's device at every step, or calls
+    ``noise_fn()`` → z [B, …] instead when given. See ``ddim_step`` for ``clip_denoised``.
     """
     seq = ddim_timesteps(diffusion.timesteps, steps, skip_type, t_max).tolist()
     pairs = list(zip(seq, [-1] + seq[:-1]))[::-1]
@@ -97,6 +97,9 @@ def ddim_sample(diffusion, model, x_T: torch.Tensor, steps: int, eta: float = 0.
     x = x_T
     for t, t_prev in pairs:
         model_out = model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if eta > 0 else None
+        noise = None
+        if eta > 0:
+            noise = noise_fn() if noise_fn is not None else \
+                torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x, _ = ddim_step(diffusion, model_out, x, t, t_prev, eta, noise, clip_denoised)
     return x

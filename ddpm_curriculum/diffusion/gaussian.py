@@ -155,20 +155,26 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def p_sample(self, model, x_t: torch.Tensor, t: torch.Tensor, generator=None,
-                 clip_denoised: bool = True) -> torch.Tensor:
-        """x_{t−1} = mean + σ_t·z, z ~ N(0, I) drawn with ``generator`` on x_t's device; no noise where t = 0.
+                 clip_denoised: bool = True, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x_{t−1} = mean + σ_t·z, z = ``noise`` or N(0, I) drawn with ``generator`` on x_t's device; no
+        noise where t = 0.
 
-        x_t: [B, …]; t: LongTensor [B] → x_{t−1} [B, …].
+        x_t, noise: [B, …]; t: LongTensor [B] → x_{t−1} [B, …].
         """
         out = self.p_mean_var(model, x_t, t, clip_denoised)
-        z = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        z = noise if noise is not None else \
+            torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
         nonzero = (t != 0).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
         return out["mean"] + nonzero * torch.exp(0.5 * out["log_var"]) * z
 
     @torch.no_grad()
     def p_sample_loop(self, model, x_T: torch.Tensor, generator=None, progress: bool = False,
-                      t_start: int | None = None, clip_denoised: bool = True) -> torch.Tensor:
-        """Ancestral sampling from x_T [B, …] at timestep ``t_start`` (default T−1) down to t = 0 → x0 [B, …]."""
+                      t_start: int | None = None, clip_denoised: bool = True, noise_fn=None) -> torch.Tensor:
+        """Ancestral sampling from x_T [B, …] at timestep ``t_start`` (default T−1) down to t = 0 → x0 [B, …].
+
+        ``noise_fn()`` → z [B, …], called once per step with t > 0, replaces the ``generator`` draws (e.g.
+        per-image noise streams, ``ddpm_curriculum.sampling``).
+        """
         t_start = self.timesteps - 1 if t_start is None else t_start
         if not 0 <= t_start < self.timesteps:
             raise UserError(f"t_start = {t_start} is outside [0, {self.timesteps - 1}]; pick a valid timestep")
@@ -179,7 +185,9 @@ class GaussianDiffusion:
         x = x_T
         for t in steps:
             t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            x = self.p_sample(model, x, t_batch, generator, clip_denoised)
+            # at t = 0 no noise is added, so no draw is spent on it
+            noise = None if noise_fn is None else (noise_fn() if t > 0 else torch.zeros_like(x))
+            x = self.p_sample(model, x, t_batch, generator, clip_denoised, noise)
         return x
 
     # ----- training -----

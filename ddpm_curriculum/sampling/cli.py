@@ -1,0 +1,92 @@
+"""Command line of ``generate.py`` (the script itself only calls :func:`main`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .. import dist
+from ..errors import UserError
+from .samplers import SamplerSpec
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Sample a trained DDPM into a folder of numbered PNGs "
+                                            "(reproducible per image, resumable, torchrun-sharded).")
+    p.add_argument("--chkpt-path", "--checkpoint", dest="checkpoint", required=True,
+                   help="checkpoint file, or a run directory (its latest checkpoint)")
+    ema = p.add_mutually_exclusive_group()
+    ema.add_argument("--no-ema", dest="use_ema", action="store_false", help="use the raw (non-EMA) weights")
+    ema.add_argument("--use-ema", dest="use_ema", action="store_true", default=True,
+                     help="use the EMA weights (default; falls back to raw weights when there is no EMA)")
+    p.add_argument("--use-ddim", action="store_true", help="DDIM instead of full ancestral DDPM sampling")
+    p.add_argument("--ddim-steps", "--subseq-size", dest="ddim_steps", type=int, default=100,
+                   help="DDIM: number of timesteps visited (default 100)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM: η (0 = deterministic, 1 = DDPM-like noise)")
+    p.add_argument("--skip-type", "--skip-schedule", dest="skip_type", default="uniform",
+                   help="DDIM: spacing of the visited timesteps, uniform (default) or quadratic")
+    p.add_argument("--t-max", type=int, help="start from this timestep (index ≤ T−1) instead of T−1")
+    p.add_argument("--num-samples", "--total-size", dest="num_samples", type=int, default=50000,
+                   help="images 0 … N−1 (default 50000, the standard FID sample count)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (per process)")
+    p.add_argument("--seed", type=int, default=0, help="image i is a function of (seed, i)")
+    p.add_argument("--save-dir", help="output folder (default images/eval/<dataset>/<step, weights, sampler, "
+                                      "seed>)")
+    p.add_argument("--npz", nargs="?", const="", metavar="PATH",
+                   help="also write all images as uint8 NHWC under key arr_0 (default name "
+                        "<save-dir>/samples_NxHxWxC.npz)")
+    p.add_argument("--grid", type=int, default=64, help="images in <save-dir>/preview/grid.png (0 = none)")
+    p.add_argument("--dataset", help="optional check: the dataset the checkpoint must have been trained on")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return p.parse_args(argv)
+
+
+def _check_args(args) -> None:
+    for name in ("num_samples", "batch_size", "ddim_steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
+    if args.grid < 0:
+        raise UserError(f"--grid must be ≥ 0, got {args.grid}")
+
+
+def sampler_tag(spec: SamplerSpec, timesteps: int) -> str:
+    """Short folder-name form of the sampler, e.g. ``ddim100-uniform-eta0`` or ``ddpm1000``."""
+    tag = f"ddim{spec.steps}-{spec.skip_type}-eta{spec.eta:g}" if spec.use_ddim else f"ddpm{timesteps}"
+    return tag if spec.t_max is None else f"{tag}-tmax{spec.t_max}"
+
+
+def default_save_dir(net, spec: SamplerSpec, seed: int) -> Path:
+    tag = sampler_tag(spec, net.diffusion.timesteps)
+    return Path("images") / "eval" / net.config.dataset.name / f"step{net.step}-{net.weights}-{tag}-seed{seed}"
+
+
+def main(argv=None) -> int:
+    from ..training.checkpoint import load_network
+    from .folder import generate_to_folder
+
+    args = parse_args(argv)
+    _check_args(args)
+    device = dist.init(args.device)
+    try:
+        net = load_network(args.checkpoint, use_ema=args.use_ema)
+        if args.dataset and args.dataset != net.config.dataset.name:
+            raise UserError(f"--dataset {args.dataset} but {net.source} was trained on "
+                            f"'{net.config.dataset.name}'; drop --dataset or pick the right checkpoint")
+        spec = SamplerSpec(use_ddim=args.use_ddim, steps=args.ddim_steps, eta=args.eta,
+                           skip_type=args.skip_type, t_max=args.t_max)
+        spec.validate(net.diffusion.timesteps)
+        save_dir = Path(args.save_dir) if args.save_dir else default_save_dir(net, spec, args.seed)
+        dist.print0(f"{net.source} (step {net.step}, {net.weights} weights): {args.num_samples} images with "
+                    f"{spec.describe(net.diffusion.timesteps)}, seed {args.seed}, batch {args.batch_size} "
+                    f"× {dist.world_size()} process(es) on {device} → {save_dir}")
+        res = generate_to_folder(net, spec, save_dir, args.num_samples, args.batch_size, args.seed, device,
+                                 npz=args.npz, grid=args.grid, progress=not args.no_progress)
+        for label, path in (("npz", res.npz), ("grid", res.grid)):
+            if path is not None:
+                dist.print0(f"{label}: {path}")
+        dist.print0(f"{res.num_samples} images in {save_dir} ({res.num_samples - res.generated} kept); "
+                    f"generated {res.generated} in {res.seconds:.1f} s: {res.images_per_sec:.2f} images/s")
+        return 0
+    finally:
+        dist.cleanup()

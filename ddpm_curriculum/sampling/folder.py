@@ -1,0 +1,224 @@
+"""Generate a folder of numbered PNGs, resumably and sharded over ranks.
+
+Layout of ``save_dir``::
+
+    000000.png 000001.png …      image i (uint8; RGB, or L for 1-channel models), a function of (seed, i)
+    generate.json                 what produced them (checkpoint, weights, sampler, seed, shape): a rerun with
+                                  other settings is refused instead of mixing images
+    samples_NxHxWxC.npz           optional: all N images, uint8 NHWC, key ``arr_0`` (ADM / ddpm-torch format)
+    preview/grid.png              optional: the first images as a grid (outside the top level, so eval.py,
+                                  which reads the top level only, never scores it)
+
+Every PNG is written to a temporary name and renamed, so a killed run leaves only complete files. A rerun
+decodes the existing PNGs and regenerates the missing and unreadable ones; since an image depends only on
+(seed, i), the folder ends up identical to an uninterrupted run, for any batch size or world size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .. import dist
+from ..errors import UserError
+from .samplers import SamplerSpec, sample_batch, to_uint8
+
+MANIFEST = "generate.json"
+# manifest entries that must match for a rerun to continue a folder (the checkpoint path may move)
+MANIFEST_KEYS = ("fingerprint", "weights", "seed", "image_shape", "sampler")
+PREVIEW = Path("preview") / "grid.png"
+PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def sample_name(index: int) -> str:
+    return f"{index:06d}.png"
+
+
+def shard(indices: Sequence[int], rank: int, world: int) -> list[int]:
+    """This rank's share of ``indices``: every world-th one starting at ``rank`` (balanced to ±1)."""
+    return list(indices[rank::world])
+
+
+def _write_atomic(path: Path, write) -> None:
+    # temp name + rename: a crash leaves no partial file under the final name. No fsync (50k files would
+    # crawl); after a power loss a damaged PNG fails the decode check on resume and is regenerated.
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """uint8 [H, W, C] → PNG at ``path``, atomically."""
+    img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)  # uint8 → L, RGB or RGBA
+    _write_atomic(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def read_png(path: Path, image_shape: Sequence[int]) -> np.ndarray | None:
+    """The image [H, W, C] if ``path`` decodes completely with the expected size and mode, else None."""
+    c, h, w = image_shape
+    try:
+        with Image.open(path) as im:
+            if im.size != (w, h) or im.mode != PIL_MODES[c]:
+                return None
+            arr = np.asarray(im)  # decodes every row: a truncated file raises here
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def missing_indices(save_dir: Path, indices: Sequence[int], image_shape: Sequence[int]) -> list[int]:
+    """The indices whose PNG is absent, truncated or of the wrong size."""
+    return [i for i in indices if read_png(save_dir / sample_name(i), image_shape) is None]
+
+
+def _prepare_dir(save_dir: Path, manifest: dict) -> str | None:
+    """Rank 0: create ``save_dir``, refuse foreign contents, write the manifest. Returns an error or None."""
+    save_dir.mkdir(parents=True, exist_ok=True)
+    for stale in save_dir.glob(".*.tmp*"):  # left by a killed run
+        stale.unlink(missing_ok=True)
+    path = save_dir / MANIFEST
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = [k for k in MANIFEST_KEYS if old.get(k) != manifest[k]]
+        if diff:
+            return (f"{save_dir} holds images generated with other settings ({', '.join(diff)} differ: "
+                    f"{old.get(diff[0])} vs {manifest[diff[0]]}); choose another --save-dir")
+    elif any(save_dir.glob("*.png")):
+        return f"{save_dir} already holds PNG files not written by generate.py; choose an empty --save-dir"
+    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
+    return None
+
+
+@dataclass
+class GenerateResult:
+    save_dir: Path
+    num_samples: int
+    generated: int  # images produced by this call (the rest existed already)
+    seconds: float  # wall time of the sampling loop (slowest rank)
+    npz: Path | None = None
+    grid: Path | None = None
+
+    @property
+    def images_per_sec(self) -> float:
+        return self.generated / self.seconds if self.seconds > 0 else 0.0
+
+
+def network_fingerprint(net) -> str:
+    """sha1 of the network's weights and the diffusion config: identifies what a folder was sampled from."""
+    import hashlib
+
+    h = hashlib.sha1(json.dumps(net.config.to_dict()["diffusion"], sort_keys=True).encode())
+    for key, value in sorted(net.model.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _sample_shard(net, spec, indices, seed, batch_size, image_shape, device, save_dir, progress) -> float:
+    """Sample and write this rank's ``indices``; returns the seconds spent."""
+    from tqdm.auto import tqdm
+
+    model = net.model.to(device).eval()
+    if net.config.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    bar = tqdm(total=len(indices), unit="img", desc=f"sampling (rank 0 of {dist.world_size()})",
+               disable=not (progress and dist.is_main()), dynamic_ncols=True)
+    start = time.perf_counter()
+    for lo in range(0, len(indices), batch_size):
+        batch = indices[lo:lo + batch_size]
+        images = to_uint8(sample_batch(net.diffusion, model, spec, batch, seed, image_shape, device)).numpy()
+        for i, image in zip(batch, images):
+            write_png(save_dir / sample_name(i), image)
+        bar.update(len(batch))
+    bar.close()
+    return time.perf_counter() - start
+
+
+def generate_to_folder(net, spec: SamplerSpec, save_dir, num_samples: int, batch_size: int, seed: int,
+                       device, npz: str | Path | None = None, grid: int = 64, progress: bool = True) -> GenerateResult:
+    """Write images 0 … num_samples−1 of ``net`` (a ``LoadedNetwork``) into ``save_dir``; see the module doc.
+
+    Collective under torchrun (every rank calls it): ranks scan a share of the folder, agree on the missing
+    indices and each samples every world-th one of them. ``npz``: path of the ``.npz`` to write ("" = the
+    default name in save_dir, None = none). ``grid``: number of images in the preview grid (0 = none).
+    """
+    from ..training.builders import image_shape as config_image_shape
+
+    save_dir = Path(save_dir)
+    shape = config_image_shape(net.config)  # (C, H, W)
+    if shape[0] not in PIL_MODES:
+        raise UserError(f"{shape[0]}-channel images cannot be saved as PNG; sample a 1-, 3- or 4-channel model")
+    spec.validate(net.diffusion.timesteps)
+    manifest = {"checkpoint": str(net.source), "step": net.step, "weights": net.weights,
+                "fingerprint": network_fingerprint(net), "seed": seed, "image_shape": list(shape),
+                "sampler": spec.to_dict(), "num_samples": num_samples}
+    error = _prepare_dir(save_dir, manifest) if dist.is_main() else None
+    error = dist.broadcast_object(error)
+    if error:
+        raise UserError(error)
+
+    rank, world = dist.rank(), dist.world_size()
+    found = dist.all_gather_object(missing_indices(save_dir, range(rank, num_samples, world), shape))
+    missing = sorted(i for part in found for i in part)
+    seconds = _sample_shard(net, spec, shard(missing, rank, world), seed, batch_size, shape, device, save_dir,
+                            progress)
+    seconds = max(dist.all_gather_object(seconds))
+    result = GenerateResult(save_dir, num_samples, len(missing), seconds)
+    dist.barrier()
+    if dist.is_main():
+        if npz is not None:
+            result.npz = write_npz(save_dir, num_samples, shape, Path(npz) if npz else None)
+        if grid > 0:
+            result.grid = write_grid(save_dir, min(grid, num_samples), shape)
+    return result
+
+
+def load_folder(save_dir: Path, num_samples: int, image_shape: Sequence[int]) -> np.ndarray:
+    """Images 0 … num_samples−1 of a generated folder → uint8 [N, H, W, C]."""
+    c, h, w = image_shape
+    out = np.empty((num_samples, h, w, c), dtype=np.uint8)
+    for i in range(num_samples):
+        image = read_png(save_dir / sample_name(i), image_shape)
+        if image is None:
+            raise UserError(f"{save_dir / sample_name(i)} is missing or damaged; rerun generate.py to repair it")
+        out[i] = image
+    return out
+
+
+def write_npz(save_dir: Path, num_samples: int, image_shape: Sequence[int], path: Path | None = None) -> Path:
+    """All images as ``arr_0`` uint8 [N, H, W, C] in ``path`` (default ``samples_NxHxWxC.npz``)."""
+    c, h, w = image_shape
+    path = path or save_dir / f"samples_{num_samples}x{h}x{w}x{c}.npz"
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    arr = load_folder(save_dir, num_samples, image_shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temp name
+            np.savez(f, arr_0=arr)
+
+    _write_atomic(path, save)
+    return path
+
+
+def write_grid(save_dir: Path, count: int, image_shape: Sequence[int]) -> Path:
+    """The first ``count`` images as one grid PNG in ``save_dir/preview/``."""
+    from torchvision.utils import make_grid
+
+    images = torch.from_numpy(load_folder(save_dir, count, image_shape)).permute(0, 3, 1, 2)
+    grid = make_grid(images, nrow=max(1, int(count ** 0.5)), padding=2, pad_value=255)  # uint8 [C, H, W]
+    path = save_dir / PREVIEW
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_png(path, grid.permute(1, 2, 0).numpy())
+    return path
