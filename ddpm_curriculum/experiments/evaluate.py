@@ -9,8 +9,9 @@ checkpoints are differences between networks.
   and ``val_loss_high_t`` are its means over t < 0.2·T (fine detail, the curriculum's last stage) and
   t ≥ 0.8·T (the curriculum's first stage). Lower is better; it is the quantity training minimises, so it
   is the low-variance signal.
-- Samples: ``num_samples`` images from fixed noise with DDIM (η = 0) or ancestral sampling, quantised like
-  saved PNGs, scored with the twoscale oracle metrics when the dataset is twoscale.
+- Samples: images 0 … num_samples−1 exactly as ``generate.py --seed <eval seed>`` makes them (DDIM, η = 0,
+  or ancestral), quantised like saved PNGs, scored with the twoscale oracle metrics when the dataset is
+  twoscale.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ from pathlib import Path
 
 import torch
 
-from ..metrics.oracle import twoscale_oracle_metrics
 from ..training import builders
 from ..training.checkpoint import load_network
-from ..training.reporting import generate, to_uint8_range
+from ..training.reporting import sample_oracle_metrics
 from .grid import GridEvalConfig
 
 LOW_T, HIGH_T = 0.2, 0.8  # the seeds' last and first curriculum stage boundaries, as fractions of T
@@ -51,22 +51,13 @@ def validation_losses(net, settings: GridEvalConfig, device, batch_size: int = 2
             "val_loss_high_t": loss[high].mean().item()}
 
 
-@torch.no_grad()
 def sample_metrics(net, settings: GridEvalConfig, device) -> dict[str, float]:
-    """Generate ``num_samples`` images from the fixed evaluation noise and score them (twoscale: oracle)."""
+    """Images 0 … num_samples−1 of ``generate.py --seed settings.seed``, scored (twoscale: oracle metrics)."""
     cfg = net.config
     if cfg.dataset.name != "twoscale":
         return {}
-    dataset = builders.make_dataset(cfg)
-    g_noise = torch.Generator().manual_seed(settings.seed + 1)
-    g = torch.Generator(device=device).manual_seed(settings.seed + 2)
-    chunks = []
-    for lo in range(0, settings.num_samples, settings.batch_size):
-        n = min(settings.batch_size, settings.num_samples - lo)
-        x_T = torch.randn((n, *dataset.image_shape), generator=g_noise).to(device)
-        x0 = generate(net.diffusion, net.model, x_T, settings.sample_steps, g)
-        chunks.append(to_uint8_range(x0).cpu() * 2 - 1)
-    metrics = twoscale_oracle_metrics(torch.cat(chunks), dataset)
+    metrics = sample_oracle_metrics(net.diffusion, net.model, builders.make_dataset(cfg), settings.num_samples,
+                                    settings.sample_steps, settings.seed, settings.batch_size, device)
     metrics.pop("num_samples")
     return metrics
 

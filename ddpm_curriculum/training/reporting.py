@@ -124,24 +124,41 @@ def save_grid(diffusion, model, noise: torch.Tensor, steps: int, path: Path, dev
     save_image(to_uint8_range(x), path, nrow=max(1, int(len(x) ** 0.5)))
 
 
+@torch.no_grad()
+def sample_oracle_metrics(diffusion, model, dataset, num_samples: int, sample_steps: int, seed: int,
+                          batch_size: int, device) -> dict:
+    """Images 0 … num_samples−1 exactly as ``generate.py --seed seed`` makes them (DDIM with ``sample_steps``
+    steps and η = 0, or ancestral when 0; one noise stream per image), quantised like saved PNGs and scored
+    with the twoscale oracle metrics."""
+    from ..metrics.oracle import twoscale_oracle_metrics
+    from ..sampling import SamplerSpec, sample_batch, to_uint8
+
+    spec = SamplerSpec(use_ddim=sample_steps > 0, steps=max(sample_steps, 1))
+    was_training = model.training
+    model.eval()
+    try:
+        chunks = []
+        for lo in range(0, num_samples, batch_size):
+            x0 = sample_batch(diffusion, model, spec, range(lo, min(num_samples, lo + batch_size)), seed,
+                              dataset.image_shape, device)
+            chunks.append(to_uint8(x0).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    finally:
+        model.train(was_training)
+    return twoscale_oracle_metrics(torch.cat(chunks), dataset)
+
+
 def evaluate_samples(cfg, diffusion, model, dataset, device, out_path: Path, step: int) -> dict:
     """Generate ``eval.num_samples`` images and score them with the dataset's metrics → ``eval.json``."""
-    n, bs = cfg.eval.num_samples, cfg.eval.batch_size
-    result = {"step": step, "num_samples": n, "sampler": _sampler_name(cfg), "metrics": {}}
+    n = cfg.eval.num_samples
+    result = {"step": step, "num_samples": n, "sampler": _sampler_name(cfg), "seed": cfg.train.seed,
+              "metrics": {}}
     if n == 0:
         return result
     if cfg.dataset.name != "twoscale":
         result["note"] = "no built-in metric for this dataset; use eval.py for FID"
     else:
-        from ..metrics.oracle import twoscale_oracle_metrics
-
-        g_noise = torch.Generator().manual_seed(cfg.train.seed + 12345)
-        g = torch.Generator(device=device).manual_seed(cfg.train.seed + 54321)
-        chunks = []
-        for i in range(0, n, bs):
-            x_T = torch.randn((min(bs, n - i), *dataset.image_shape), generator=g_noise).to(device)
-            chunks.append(to_uint8_range(generate(diffusion, model, x_T, cfg.train.sample_steps, g)).cpu() * 2 - 1)
-        result["metrics"] = twoscale_oracle_metrics(torch.cat(chunks), dataset)
+        result["metrics"] = sample_oracle_metrics(diffusion, model, dataset, n, cfg.train.sample_steps,
+                                                  cfg.train.seed, cfg.eval.batch_size, device)
     out_path.write_text(json.dumps(result, indent=2))
     dist.print0("eval: " + json.dumps(result["metrics"]))
     return result
