@@ -123,6 +123,8 @@ def build_extensions(cfg, model: nn.Module) -> list[TrainingExtension]:
     An extension that needs to survive a resume keeps its state in ``state_dict`` or in model buffers
     (``FrozenEntries`` is re-derived from the buffers, so it needs no state of its own).
     """
-    factories = []
+    from ..pruning.finetune import masked_finetune_extension  # here: pruning imports this module
+
+    factories = [masked_finetune_extension]
     extensions = [factory(cfg, model) for factory in factories]
     return [e for e in extensions if e is not None]
