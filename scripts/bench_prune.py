@@ -11,30 +11,18 @@ the sampled ones (two no-grad forwards) → policy-gradient update of the logits
 from __future__ import annotations
 
 import argparse
-import json
-import time
 
 import torch
 
-from bench_train import make_step  # scripts/ is on sys.path when this file runs
+from bench_train import make_step, report, setup, time_alternately  # scripts/ is on sys.path
 from ddpm_curriculum.config import load_config
 from ddpm_curriculum.errors import run_cli
 from ddpm_curriculum.pruning.maskpro import MaskProUpdate, wrap_model_with_maskpro
-from ddpm_curriculum.training import builders
 
 
 def make_maskpro_update(cfg, channels_last: bool, batch: int):
-    """Model and batch drawn exactly as in ``make_step`` (same seed and order), then wrapped for MaskPro."""
-    torch.manual_seed(0)
-    model = builders.make_model(cfg)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    diffusion = builders.make_diffusion(cfg)
-    shape = (batch, *builders.image_shape(cfg))
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x0 = torch.randn(shape).contiguous(memory_format=fmt)
-    noise = torch.randn(shape).contiguous(memory_format=fmt)
-    t = torch.randint(0, cfg.diffusion.timesteps, (batch,))
+    """The same model and batch as ``make_step`` (``setup``), wrapped for MaskPro with 2:4 magnitude masks."""
+    model, diffusion, x0, t, noise = setup(cfg, channels_last, batch)
     update = MaskProUpdate(wrap_model_with_maskpro(model, 2, 4))
     model.eval()
     g = torch.Generator().manual_seed(0)
@@ -60,23 +48,11 @@ def main(argv=None):
     cfg = load_config(args.config)
     maskpro, num_layers = make_maskpro_update(cfg, args.channels_last, args.batch)
     steps = {"dense_train_step": make_step(cfg, args.channels_last, args.batch), "maskpro_update": maskpro}
-    for fn in steps.values():
-        fn()  # warm-up
-    times = {k: [] for k in steps}
-    for _ in range(args.rounds):
-        for name, fn in steps.items():
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                fn()
-            times[name].append((time.perf_counter() - t0) / args.steps)
-    sec = {k: min(v) for k, v in times.items()}
+    sec = time_alternately(steps, args.steps, args.rounds)
     result = {"config": args.config, "batch": args.batch, "threads": torch.get_num_threads(),
               "channels_last": args.channels_last, "maskpro_layers": num_layers, "sec_per_step": sec,
               "maskpro_over_dense": sec["maskpro_update"] / sec["dense_train_step"]}
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -130,6 +130,9 @@ def test_initial_mask_must_be_exact_nm():
         MaskProLayer(layer, 2, 4, initial_mask=torch.ones(2, 8, dtype=torch.bool))
     with pytest.raises(UserError, match="not N:M eligible"):
         MaskProLayer(nn.Linear(6, 2), 2, 4)
+    with pytest.raises(UserError, match=r"cannot be 2:4 .*\['0'\]"):
+        wrap_model_with_maskpro(nn.Sequential(nn.Linear(6, 2)), 2, 4, protect=(),
+                                initial_masks={"0": torch.ones(2, 6, dtype=torch.bool)})
 
 
 def _toy(seed=0, rows=2):

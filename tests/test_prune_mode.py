@@ -36,14 +36,18 @@ def learn_cfg(source, *extra):
                     "maskpro.logits_magnitude=2.0", *extra)
 
 
-def test_learning_resumes_exactly_and_never_changes_the_weights(source, tmp_path):
-    cfg = learn_cfg(source)
-    full = MaskProTrainer(cfg, tmp_path / "full", CPU, progress=False)
+def full_and_resumed(cls, cfg, tmp_path, stop_at=3):
+    """An uninterrupted run in tmp/full and one stopped after ``stop_at`` steps and resumed in tmp/part."""
+    full = cls(cfg, tmp_path / "full", CPU, progress=False)
     full.train()
-    MaskProTrainer(cfg, tmp_path / "part", CPU, progress=False, stop_at_step=3).train()
-    resumed = MaskProTrainer(cfg, tmp_path / "part", CPU, progress=False,
-                             resume_state=load_checkpoint(tmp_path / "part"))
+    cls(cfg, tmp_path / "part", CPU, progress=False, stop_at_step=stop_at).train()
+    resumed = cls(cfg, tmp_path / "part", CPU, progress=False, resume_state=load_checkpoint(tmp_path / "part"))
     resumed.train()
+    return full, resumed
+
+
+def test_learning_resumes_exactly_and_never_changes_the_weights(source, tmp_path):
+    full, resumed = full_and_resumed(MaskProTrainer, learn_cfg(source), tmp_path)
     a, b = full.update.state_dict(), resumed.update.state_dict()
     assert a["delta"] == b["delta"] != 0.0
     assert all(torch.equal(a["logits"][k], b["logits"][k]) for k in a["logits"])
@@ -83,13 +87,9 @@ def test_finetune_keeps_pruned_weights_exactly_zero_and_resumes_exactly(source, 
     MaskProTrainer(learn_cfg(source, "train.steps=6"), tmp_path / "learn", CPU, progress=False).train()
     cfg = tiny_cfg(*PRUNE, "maskpro.phase=finetune", f"maskpro.source={tmp_path / 'learn'}",
                    "train.weight_decay=0.1", "train.optimizer=adamw")
-    full = CurriculumTrainer(cfg, tmp_path / "full", CPU, progress=False)
-    full.train()
-    CurriculumTrainer(cfg, tmp_path / "part", CPU, progress=False, stop_at_step=3).train()
-    resumed = CurriculumTrainer(cfg, tmp_path / "part", CPU, progress=False,
-                                resume_state=load_checkpoint(tmp_path / "part"))
-    resumed.train()
-    for x, y in [(full.model.state_dict(), resumed.model.state_dict()), (full.ema.state_dict(), resumed.ema.state_dict())]:
+    full, resumed = full_and_resumed(CurriculumTrainer, cfg, tmp_path)
+    for x, y in [(full.model.state_dict(), resumed.model.state_dict()),
+                 (full.ema.state_dict(), resumed.ema.state_dict())]:
         assert all(torch.equal(x[k], y[k]) for k in x)
     masks = load_checkpoint(tmp_path / "learn")["masks"]
     start = load_network(tmp_path / "learn", use_ema=False).model
@@ -102,6 +102,7 @@ def test_finetune_keeps_pruned_weights_exactly_zero_and_resumes_exactly(source, 
         adam = full.optimizer.state[trained]
         assert torch.all(adam["exp_avg"][~keep] == 0) and torch.all(adam["exp_avg_sq"][~keep] == 0)
     assert load_checkpoint(tmp_path / "full")["extensions"]["masked_finetune"]["masks"].keys() == masks.keys()
+    assert load_network(tmp_path / "full").masks.keys() == masks.keys()  # a fine-tuned run is a pruned network
 
 
 def test_finetune_needs_masks(source, tmp_path):

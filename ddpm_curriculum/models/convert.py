@@ -188,18 +188,19 @@ def from_diffusers_state(dsd: dict, model_kwargs: dict) -> dict[str, torch.Tenso
     return out
 
 
+def describe_mismatch(unmapped, missing, wrong) -> str:
+    """One line naming the first few keys of each kind ('' when there are none)."""
+    parts = [f"{len(keys)} {what}: {_keys(keys)}" for keys, what in
+             ((unmapped, "keys did not map"), (missing, "expected keys are missing"), (wrong, "have the wrong shape"))
+             if keys]
+    return "; ".join(parts)
+
+
 def _raise_unless_clean(what: str, unmapped, missing, wrong) -> None:
-    if not (unmapped or missing or wrong):
-        return
-    parts = []
-    if unmapped:
-        parts.append(f"{len(unmapped)} keys did not map: {_keys(unmapped)}")
-    if missing:
-        parts.append(f"{len(missing)} expected keys are missing: {_keys(missing)}")
-    if wrong:
-        parts.append(f"{len(wrong)} have the wrong shape: {_keys(wrong)}")
-    raise UserError(f"unsupported {what} layout ({'; '.join(parts)}); only the DDPM UNet "
-                    f"(ddpm-torch / google/ddpm-cifar10-32 layout) can be imported")
+    problems = describe_mismatch(unmapped, missing, wrong)
+    if problems:
+        raise UserError(f"unsupported {what} layout ({problems}); only the DDPM UNet "
+                        f"(ddpm-torch / google/ddpm-cifar10-32 layout) can be imported")
 
 
 def meta_state(model_kwargs: dict) -> dict[str, torch.Tensor]:
@@ -259,13 +260,20 @@ def infer_unet_kwargs(sd: dict[str, torch.Tensor]) -> dict:
     return kwargs
 
 
+def state_mismatch(expected: dict, given: dict) -> tuple[list[str], list[str], list[tuple]]:
+    """How ``given`` differs from ``expected`` (state dicts): (unexpected keys, missing keys,
+    [(key, given shape, expected shape)] for shape mismatches)."""
+    unexpected = [k for k in given if k not in expected]
+    missing = [k for k in expected if k not in given]
+    wrong = [(k, tuple(given[k].shape), tuple(v.shape)) for k, v in expected.items()
+             if k in given and tuple(given[k].shape) != tuple(v.shape)]
+    return unexpected, missing, wrong
+
+
 def check_state(sd: dict, model_kwargs: dict, what: str) -> None:
     """UserError naming the first few keys that do not fit the UNet built with ``model_kwargs``."""
-    like = meta_state(model_kwargs)
-    unmapped = [k for k in sd if k not in like]
-    missing = [k for k in like if k not in sd]
-    wrong = [f"{k} {tuple(sd[k].shape)}" for k in like if k in sd and sd[k].shape != like[k].shape]
-    _raise_unless_clean(what, unmapped, missing, wrong)
+    unmapped, missing, wrong = state_mismatch(meta_state(model_kwargs), sd)
+    _raise_unless_clean(what, unmapped, missing, [f"{k} {shape}" for k, shape, _ in wrong])
 
 
 def import_ddpm_torch(state: dict, use_ema: bool = True) -> ImportedNetwork:
@@ -382,7 +390,8 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated file, pickled code, ...
-        raise UserError(f"cannot read {path}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc!r}") from None
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot read {path} ({first}); re-download or re-save it") from None
     if not _is_state_dict(sd):
         raise UserError(f"{path} does not hold a state dict of tensors")
     return sd

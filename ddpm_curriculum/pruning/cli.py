@@ -95,7 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def choose_layers(model, args) -> tuple[dict, dict]:
     """The layers the method works on, and {name: why skipped} for the other Conv2d/Linear layers."""
     # extract reads whatever was pruned, so it protects only what the user asks to
-    protect = list(args.protect) + ([] if args.no_default_protect or args.method == "extract" else list(DEFAULT_PROTECT))
+    default = () if args.no_default_protect or args.method == "extract" else DEFAULT_PROTECT
+    protect = list(args.protect) + list(default)
     layers, skipped = select_layers(model, include=args.layers, protect=protect)
     if args.method == "nm":
         for name in [k for k, v in layers.items() if not nm_eligible(v.weight.shape, args.m, args.nm_order)]:
@@ -188,9 +189,10 @@ def _report(stats: dict, out: Path) -> None:
     print(f"{stats['method']}: {t['layers']} layers pruned to {100 * t['layer_sparsity']:.1f}% sparsity "
           f"({t['layer_kept']:,} of {t['layer_params']:,} kept); network {t['nonzeros']:,} nonzero of "
           f"{t['params']:,} parameters ({100 * t['overall_sparsity']:.1f}% zero); {t['n']}:{t['m']} compliance {comp}")
-    if stats["skipped"]:
-        print(f"skipped {len(stats['skipped'])} layers: " + ", ".join(
-            f"{k} ({v})" for k, v in list(stats["skipped"].items())[:6]) + (" …" if len(stats["skipped"]) > 6 else ""))
+    skipped = list(stats["skipped"].items())
+    if skipped:
+        print(f"skipped {len(skipped)} layers: " + ", ".join(f"{k} ({v})" for k, v in skipped[:6])
+              + (" …" if len(skipped) > 6 else ""))
     ex = stats["export"]
     if ex.get("file"):
         print(f"compact {t['n']}:{t['m']} export {ex['file']}: {ex['compact_bytes']:,} bytes = "

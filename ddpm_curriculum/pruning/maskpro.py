@@ -8,7 +8,8 @@ probabilities p = softmax(z). A mask keeps N distinct positions S drawn **withou
 
 and P(S) = Σ_σ P_σ over the N! orderings. Its score function, used by the update, is
 
-    ∂ log P_σ / ∂z_i = [i ∈ S] − p_i · Σ_k [i ∈ Rem_k] / R_k,     ∇ log P(S) = Σ_σ (P_σ / P(S)) ∇ log P_σ
+    ∂ log P_σ / ∂z_i = [i ∈ S] − p_i · Σ_k [i ∈ Rem_k] / R_k,
+    ∇ log P(S) = Σ_σ (P_σ / P(S)) · ∇ log P_σ
 
 (for N = 2 the reference's closed form P({i, j}) = p_i p_j (1/(1−p_i) + 1/(1−p_j)) is differentiated
 directly). R_k is computed as a sum of the remaining probabilities, never as 1 − (sum of chosen ones), so
@@ -22,8 +23,8 @@ the sum over groups, so each group's logits get their own score):
     z ← z − lr·(r − δ)·∇_z log P(sampled)
 
 Defaults lr = 50, logit magnitude c = 10 (initial logits = initial mask · c), β = 0.99. The final mask is
-the top-N logits of each group. Every group is processed at once (no Python loop over groups); only the
-general-N score is computed in chunks of groups to bound memory.
+the top-N logits of each group. Groups are processed as tensors (no Python loop over groups); the float64
+score is computed in chunks of groups to bound its temporary memory.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from .nm import (check_nm, kept_per_group, nm_eligible, nm_groups, nm_mask, nm_u
 
 DEFAULT_LR, DEFAULT_LOGITS_MAGNITUDE, DEFAULT_BETA = 50.0, 10.0, 0.99
 GENERAL_N_CHUNK = 1 << 16  # groups per chunk of the N! orderings tensor [chunk, N!, N] (float64)
-PAIR_CHUNK = 1 << 20
+PAIR_CHUNK = 1 << 20  # groups per chunk of the N = 2 closed form ([chunk, M] float64 temporaries)
 
 
 # ----------------------------------------------------------------------------------- distribution
@@ -102,7 +103,8 @@ def _grad_general(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor
 def _grad_pair(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """N = 2 closed form. With q_i = 1 − p_i, log P({i, j}) = log p_i + log p_j + log(1/q_i + 1/q_j), so
 
-        ∇ = (1 + α)·e_i + (1 + β)·e_j − (2 + α + β)·p,   α = p_i·q_j / (q_i·s),  β = p_j·q_i / (q_j·s),  s = q_i + q_j.
+        ∇ = (1 + α)·e_i + (1 + β)·e_j − (2 + α + β)·p,
+        α = p_i·q_j / (q_i·s),  β = p_j·q_i / (q_j·s),  s = q_i + q_j.
 
     α and β blow up as p_i or p_j → 1, so they are only used in the bounded products α·q_i, α·p_k (p_k ≤ q_i
     for k ≠ i) and likewise for β; q_i is summed from the other probabilities, and s ≥ 1.
@@ -225,6 +227,10 @@ def wrap_model_with_maskpro(model: nn.Module, n: int = 2, m: int = 4, target_lay
             raise UserError(f"the initial masks name layers this network does not have: {unknown[:5]}; "
                             f"use masks made for this network")
         layers = {k: v for k, v in layers.items() if k in initial_masks}
+        ineligible = [k for k, v in layers.items() if not nm_eligible(v.weight.shape, m, order)]
+        if ineligible:
+            raise UserError(f"the initial masks cover layers that cannot be {n}:{m} ({order} order): "
+                            f"{ineligible[:5]}; make the masks with prune.py --method nm")
     layers = {k: v for k, v in layers.items() if nm_eligible(v.weight.shape, m, order)}
     if not layers:
         raise UserError("no layer to learn a mask for (check maskpro.target_layers and the mask file)")
@@ -298,7 +304,7 @@ class MaskProUpdate:
 
     @torch.no_grad()
     def step(self, positions: dict[str, torch.Tensor], r: float) -> float:
-        """δ ← β·δ + (1−β)·r;  z ← z − lr·(r − δ)·∇ log P(sampled).  Returns the advantage r − δ."""
+        """δ ← β·δ + (1−β)·r;  z ← z − lr·(r − δ)·∇ log P(sampled).  Returns r − δ."""
         self.delta = self.beta * self.delta + (1.0 - self.beta) * r
         advantage = r - self.delta
         for name, layer in self.layers.items():

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models.convert import import_ddpm_torch, import_diffusers, is_ddpm_torch, is_diffusers_folder
+from ..models.convert import (describe_mismatch, import_ddpm_torch, import_diffusers, is_ddpm_torch,
+                              is_diffusers_folder, state_mismatch)
 from ..pruning.masks import apply_masks
 from ..pruning.nm import import_compact, is_compact
 
@@ -114,20 +115,10 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def check_compatible(model: nn.Module, state_dict: dict, source: str) -> None:
     """Raise a one-line UserError when ``state_dict`` does not fit ``model`` (keys or shapes)."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-             if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatches (checkpoint vs model), e.g. {wrong[0]}")
-        if missing:
-            parts.append(f"{len(missing)} missing keys, e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
-        raise UserError(f"checkpoint {source} does not match the model: {'; '.join(parts)}; "
+    unexpected, missing, wrong = state_mismatch(model.state_dict(), state_dict)
+    problems = describe_mismatch(unexpected, missing, [f"{k} {given} (model {own})" for k, given, own in wrong])
+    if problems:
+        raise UserError(f"checkpoint {source} does not match the model: {problems}; "
                         f"use the config the checkpoint was trained with")
 
 
@@ -156,7 +147,9 @@ class _RawNetwork:
 
 def _read_project(state: dict, use_ema: bool, source: Path) -> _RawNetwork:
     weights = "ema" if use_ema and state.get("ema") is not None else "model"
-    return _RawNetwork(state["config"], state[weights], int(state.get("step", 0)), weights, state.get("masks"))
+    # pruned.pt and MaskPro checkpoints store "masks"; masked fine-tuning keeps them in its extension state
+    masks = state.get("masks") or ((state.get("extensions") or {}).get("masked_finetune") or {}).get("masks")
+    return _RawNetwork(state["config"], state[weights], int(state.get("step", 0)), weights, masks)
 
 
 def _read_compact(state: dict, use_ema: bool, source: Path) -> _RawNetwork:

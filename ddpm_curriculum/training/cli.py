@@ -132,7 +132,7 @@ def worker(args, cfg_dict: dict, run_dir: str, resume: bool) -> int:
             (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         dist.print0(f"mode {cfg.mode}, world size {dist.world_size()}, device {device}, run dir {run_dir}")
         trainer = trainer_cls(cfg, run_dir, device, resume_state=state,
-                                    stop_at_step=args.stop_at_step, progress=not args.no_progress)
+                              stop_at_step=args.stop_at_step, progress=not args.no_progress)
         if state is not None:
             dist.print0(f"resumed at step {trainer.step} (epoch {trainer.epoch}, stage '{trainer.stage.name}')")
         trainer.train()
