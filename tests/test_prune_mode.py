@@ -2,6 +2,7 @@
 exact resume; weights untouched while learning; pruned weights exactly zero through Adam and the EMA."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,6 +66,38 @@ def test_learning_resumes_exactly_and_never_changes_the_weights(source, tmp_path
     for name, keep in state["masks"].items():
         w = learned.model.get_submodule(name).weight
         assert torch.all(w[~keep] == 0) and torch.equal(w[keep], dense.model.get_submodule(name).weight[keep])
+
+
+def _ddp_learn_worker(rank, world, port, source, run_dir, out):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    from ddpm_curriculum import dist
+
+    torch.set_num_threads(1)
+    dist.init("cpu")
+    trainer = MaskProTrainer(learn_cfg(Path(source), "train.steps=6"), run_dir, CPU, progress=False)
+    trainer.train()
+    torch.save(trainer.update.state_dict(), f"{out}/rank{rank}.pt")
+    dist.cleanup()
+
+
+def test_two_process_learning_matches_one_process(source, tmp_path):
+    import torch.multiprocessing as mp
+
+    from ddpm_curriculum.dist import free_port
+
+    mp.spawn(_ddp_learn_worker, args=(2, free_port(), str(source), str(tmp_path / "ddp"), str(tmp_path)),
+             nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    single = MaskProTrainer(learn_cfg(source, "train.steps=6"), tmp_path / "one", CPU, progress=False)
+    single.train()
+    one = single.update.state_dict()
+    assert r0["delta"] == r1["delta"] and r0["delta"] == pytest.approx(one["delta"], rel=1e-4, abs=1e-9)
+    for k in r0["logits"]:
+        assert torch.equal(r0["logits"][k], r1["logits"][k]), k  # ranks agree exactly
+        torch.testing.assert_close(r0["logits"][k], one["logits"][k], rtol=0, atol=1e-4)  # = one process
 
 
 def test_learning_uses_only_the_curriculum_stage_timesteps(source, tmp_path):
