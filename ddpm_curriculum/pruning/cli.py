@@ -144,16 +144,8 @@ def preview(net, args, model, path: Path, device) -> None:
     save_grid(net.diffusion, model.to(device), noise, steps, path, device, args.batch_size)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from .. import dist
-
-    device = dist.init(args.device)  # one process: just picks the device
-    net = load_network(args.model_path, use_ema=not args.no_ema, overrides=args.overrides)
-    out = Path(args.save_path)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"loaded {net.format} network from {net.source} ({net.weights} weights, step {net.step})")
-    before = evaluate(net, args, net.model, out / "eval_original.json", device)
+def prune(net, args) -> tuple[dict, dict]:
+    """Masks chosen by ``args.method``, applied to ``net.model`` in place → (masks, statistics)."""
     model = net.model.cpu()
     layers, skipped = choose_layers(model, args)
     masks = METHODS[args.method](layers, args)
@@ -165,20 +157,39 @@ def main(argv=None) -> int:
     stats.update(method=args.method, source=str(net.source), source_format=net.format, weights=net.weights,
                  pruning_ratio=args.pruning_ratio if args.method in ("magnitude", "random") else None,
                  scope=args.scope if args.method == "magnitude" else None, skipped=skipped)
+    return masks, stats
+
+
+def save_pruned(out: Path, net, masks: dict, stats: dict, args) -> None:
+    """``pruned.pt`` (a plain checkpoint with zeros, plus masks), ``masks.pt`` and, if N:M, ``nm_compact.pt``."""
     info = {k: stats[k] for k in ("method", "source", "weights", "pruning_ratio", "scope")}
-    state = {"format_version": FORMAT_VERSION, "config": net.config.to_dict(), "model": model.state_dict(),
-             "ema": None, "step": net.step, "masks": masks, "pruning": dict(info, n=args.n, m=args.m,
-                                                                             order=args.nm_order)}
+    state = {"format_version": FORMAT_VERSION, "config": net.config.to_dict(), "model": net.model.state_dict(),
+             "ema": None, "step": net.step, "masks": masks,
+             "pruning": dict(info, n=args.n, m=args.m, order=args.nm_order)}
     atomic_torch_save(out / "pruned.pt", state)
     save_masks(out / "masks.pt", masks)
-    compliant = stats["totals"]["nm_compliance"] == 1.0 and all(
-        v["nm_compliance"] == 1.0 for v in stats["layers"].values())
-    stats["export"] = export_nm(out / "nm_compact.pt", model, masks, args, net.config, net.step) if compliant else \
-        {"file": None, "note": f"masks are not all {args.n}:{args.m}; no compact export"}
-    after = evaluate(net, args, model, out / "eval.json", device)
+    if all(v["nm_compliance"] == 1.0 for v in stats["layers"].values()):
+        stats["export"] = export_nm(out / "nm_compact.pt", net.model, masks, args, net.config, net.step)
+    else:
+        stats["export"] = {"file": None, "note": f"masks are not all {args.n}:{args.m}; no compact export"}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from .. import dist
+
+    device = dist.init(args.device)  # one process: just picks the device
+    net = load_network(args.model_path, use_ema=not args.no_ema, overrides=args.overrides)
+    out = Path(args.save_path)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"loaded {net.format} network from {net.source} ({net.weights} weights, step {net.step})")
+    before = evaluate(net, args, net.model, out / "eval_original.json", device)
+    masks, stats = prune(net, args)
+    save_pruned(out, net, masks, stats, args)
+    after = evaluate(net, args, net.model, out / "eval.json", device)
     stats["oracle_metrics"] = {"before": before, "after": after} if after is not None else None
     (out / "pruning_stats.json").write_text(json.dumps(stats, indent=2))
-    preview(net, args, model, out / "preview.png", device)
+    preview(net, args, net.model, out / "preview.png", device)
     _report(stats, out)
     return 0
 
