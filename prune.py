@@ -1,7 +1,8 @@
-"""prune.py: filled in by a later issue (see README.md, "Status")."""
+"""Prune a trained DDPM (magnitude, random, N:M) or extract a pruned one's masks. See README.md, "Pruning",
+and ``python prune.py --help``."""
 
-import sys
+from ddpm_curriculum.errors import run_cli
+from ddpm_curriculum.pruning.cli import main
 
 if __name__ == "__main__":
-    print("error: prune.py is not implemented yet; see README.md (Status) for what works today", file=sys.stderr)
-    sys.exit(2)
+    raise SystemExit(run_cli(main))

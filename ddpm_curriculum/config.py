@@ -203,6 +203,35 @@ class RegularizationConfig:
 
 
 @dataclass
+class MaskProConfig:
+    enabled: bool = opt(False, "Mode `prune`: learn N:M masks with MaskPro (phase `learn`) or fine-tune a pruned "
+                        "network with its masks fixed (phase `finetune`). Model and diffusion sections are taken "
+                        "from `source` when a run starts.")
+    phase: str = opt("learn", "`learn`: policy-gradient mask learning, weights frozen (one update per step, "
+                     "the loss uses the timesteps of the current curriculum stage, all of 0..T−1 without a "
+                     "curriculum). `finetune`: ordinary training with the pruned weights held at exactly 0.",
+                     choices=["learn", "finetune"])
+    source: str | None = opt(None, "Network to start from: a run directory or checkpoint (also prune.py's "
+                             "`pruned.pt` and MaskPro runs), a ddpm-torch `.pt`, or a diffusers folder. "
+                             "`learn` needs the dense (unpruned) network.")
+    masks: str | None = opt(None, "Mask file `{layer: bool}` (prune.py's `masks.pt`). null: `learn` starts from "
+                            "N:M magnitude masks of the source; `finetune` uses the source's own masks "
+                            "(a pruned or MaskPro checkpoint).")
+    use_ema: bool = opt(True, "Take the source's EMA weights (when it has them).")
+    n: int = opt(2, "N of N:M (kept weights per group).", lo=1)
+    m: int = opt(4, "M of N:M (group size).", lo=2, hi=16)
+    order: str = opt("asp", "Where N:M groups lie: `asp` = along input channels at each kernel tap "
+                     "(sparse cuDNN/TensorRT layout), `im2col` = along the flattened C_in·kh·kw.",
+                     choices=["asp", "im2col"])
+    target_layers: list[str] = opt([], "Regexes of layer names to learn masks for; empty = every layer in the "
+                                   "mask file (or every eligible, unprotected Conv2d/Linear without one).")
+    lr: float = opt(50.0, "MaskPro logit learning rate.", lo=0.0, lo_open=True)
+    logits_magnitude: float = opt(10.0, "Initial logits = initial mask × this (10: a sampled mask differs from "
+                                  "the initial one in ≈0.014% of 2:4 groups; 5: ≈2%).", lo=0.0, lo_open=True)
+    baseline_beta: float = opt(0.99, "Decay β of the running baseline δ of the paired reward.", lo=0.0, hi=1.0)
+
+
+@dataclass
 class EvalConfig:
     num_samples: int = opt(1024, "Samples generated for the end-of-training evaluation (`eval.json`); "
                            "0 = skip.", lo=0)
@@ -219,10 +248,13 @@ class Config:
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    maskpro: MaskProConfig = field(default_factory=MaskProConfig)
 
     @property
     def mode(self) -> str:
-        """Training mode derived from the sections: baseline, C, CS or CR."""
+        """Training mode derived from the sections: baseline, C, CS, CR or prune."""
+        if self.maskpro.enabled:
+            return "prune"
         if not self.curriculum.enabled:
             return "baseline"
         if self.sparsity.enabled:
@@ -411,6 +443,7 @@ def validate(cfg: Config) -> None:
     if (cfg.sparsity.enabled or cfg.regularization.enabled) and not cfg.curriculum.enabled:
         raise UserError("modes CS and CR follow the curriculum stages; set 'curriculum.enabled' to true")
     _validate_variants(cfg)
+    _validate_maskpro(cfg)
 
 
 def _validate_variants(cfg: Config) -> None:
@@ -428,6 +461,17 @@ def _validate_variants(cfg: Config) -> None:
         stage_active_channels(cfg)  # raises on a bad schedule
     if cfg.regularization.enabled:
         stage_lambdas(cfg)
+
+
+def _validate_maskpro(cfg: Config) -> None:
+    mp = cfg.maskpro
+    if not mp.enabled:
+        return
+    if cfg.sparsity.enabled or cfg.regularization.enabled:
+        raise UserError("'maskpro.enabled' (mode prune) cannot be combined with 'sparsity.enabled' or "
+                        "'regularization.enabled'; set those to false")
+    if mp.n >= mp.m:
+        raise UserError(f"'maskpro.n' = {mp.n} must be smaller than 'maskpro.m' = {mp.m} (e.g. 2:4)")
 
 
 def _validate_stages(cfg: Config) -> None:

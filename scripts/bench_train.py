@@ -17,18 +17,24 @@ from ddpm_curriculum.training.benchmark import print_result, time_interleaved
 from ddpm_curriculum.training.ema import EMA
 
 
-def make_step(cfg, channels_last: bool, batch: int):
+def setup(cfg, channels_last: bool, batch: int):
+    """The config's model, diffusion and one fixed batch (x0, t, noise), all seeded: the same every call."""
     torch.manual_seed(0)
     model = builders.make_model(cfg)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    diffusion, ema = builders.make_diffusion(cfg), EMA(model, 0.9999)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     shape = (batch, *builders.image_shape(cfg))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x0 = torch.randn(shape).contiguous(memory_format=fmt)
     noise = torch.randn(shape).contiguous(memory_format=fmt)
     t = torch.randint(0, cfg.diffusion.timesteps, (batch,))
+    return model, builders.make_diffusion(cfg), x0, t, noise
+
+
+def make_step(cfg, channels_last: bool, batch: int):
+    model, diffusion, x0, t, noise = setup(cfg, channels_last, batch)
+    ema = EMA(model, 0.9999)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
 
     def step():
         loss = diffusion.training_losses(model, x0, t, noise).mean()

@@ -24,7 +24,7 @@ def minimal(**sections):
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
-    assert cfg.mode in {"baseline", "C", "CS", "CR"}
+    assert cfg.mode in {"baseline", "C", "CS", "CR", "prune"}
 
 
 def test_seed_celeba32_cs_example_loads_unchanged():

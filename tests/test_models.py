@@ -17,6 +17,7 @@ from torch import nn
 
 from ddpm_curriculum.errors import UserError
 from ddpm_curriculum.models import MODELS, SparseUNet, UNet, build_model, count_parameters, timestep_embedding
+from ddpm_curriculum.models.convert import to_diffusers_state
 from ddpm_curriculum.models.unet import (ZERO_INIT_SCALE, AttentionBlock, MiddleBlock, ResAttnBlock,
                                          ResidualBlock, SamePad2d, tf_same_pad)
 
@@ -334,47 +335,6 @@ def test_zero_init_model_is_near_constant_in_x():
 # ----------------------------------------------------------------------------- diffusers cross-check
 
 
-def _to_diffusers_state(sd: dict, levels: int, num_res_blocks: int) -> dict:
-    """Rename (and split qkv of) our ddpm-torch-keyed state dict into diffusers UNet2DModel keys."""
-    res_names = {"fc": "time_emb_proj", "skip": "conv_shortcut"}
-    out = {}
-    for key, value in sd.items():
-        k = re.sub(r"^embed\.0\.", "time_embedding.linear_1.", key)
-        k = re.sub(r"^embed\.2\.", "time_embedding.linear_2.", k)
-        k = re.sub(r"^in_conv\.", "conv_in.", k)
-        k = re.sub(r"^out_conv\.0\.", "conv_norm_out.", k)
-        k = re.sub(r"^out_conv\.2\.", "conv_out.", k)
-        k = re.sub(r"^middle\.0\.", "mid_block.resnets.0.", k)
-        k = re.sub(r"^middle\.1\.", "mid_block.attentions.0.", k)
-        k = re.sub(r"^middle\.2\.", "mid_block.resnets.1.", k)
-        m = re.match(r"^(down|up)samples\.level_(\d+)\.(\d+)\.(.*)$", k)
-        if m:
-            kind, level, j, rest = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
-            block = level if kind == "down" else levels - 1 - level
-            prefix = f"{kind}_blocks.{block}"
-            resample_index = num_res_blocks if kind == "down" else num_res_blocks + 1
-            if j == resample_index:
-                k = f"{prefix}.{kind}samplers.0.conv.{rest.split('.', 1)[1]}"
-            elif rest.startswith("0."):
-                k = f"{prefix}.resnets.{j}.{rest[2:]}"
-            elif rest.startswith("1."):
-                k = f"{prefix}.attentions.{j}.{rest[2:]}"
-            else:
-                k = f"{prefix}.resnets.{j}.{rest}"
-        for ours, theirs in res_names.items():
-            k = re.sub(rf"resnets\.(\d+)\.{ours}\.", rf"resnets.\1.{theirs}.", k)
-        if ".attentions." in k:
-            k = k.replace(".norm.", ".group_norm.").replace(".project_out.", ".to_out.0.")
-            if ".project_in." in k:
-                for name, part in zip(("to_q", "to_k", "to_v"), value.chunk(3, dim=0)):
-                    out[k.replace("project_in", name)] = part.flatten(1) if part.ndim > 1 else part
-                continue
-            if ".to_out.0.weight" in k:
-                value = value.reshape(value.shape[0], -1)
-        out[k] = value
-    return out
-
-
 def test_matches_diffusers_unet2d_with_same_layout():
     diffusers = pytest.importorskip("diffusers")
     ours = randomize(tiny(hid_channels=32, num_res_blocks=2), seed=11).eval()
@@ -384,7 +344,7 @@ def test_matches_diffusers_unet2d_with_same_layout():
         attention_head_dim=None, norm_eps=1e-6, norm_num_groups=32, downsample_padding=0,
         flip_sin_to_cos=False, freq_shift=1).eval()
     assert count_parameters(ours) == count_parameters(theirs)
-    theirs.load_state_dict(_to_diffusers_state(ours.state_dict(), levels=2, num_res_blocks=2), strict=True)
+    theirs.load_state_dict(to_diffusers_state(ours.state_dict(), levels=2, num_res_blocks=2), strict=True)
     x, t = inputs(size=16)
     with torch.no_grad():
         torch.testing.assert_close(ours(x, t), theirs(x, t).sample, rtol=1e-4, atol=1e-4)

@@ -280,8 +280,8 @@ def test_load_network_rebuilds_the_model_with_ema_or_raw_weights(tmp_path):
     for k, v in trainer.model.state_dict().items():
         assert torch.equal(raw.model.state_dict()[k], v)
     assert ema.diffusion.timesteps == 100
-    bare = tmp_path / "bare.pt"
-    torch.save({"model": trainer.model.state_dict()}, bare)
+    bare = tmp_path / "bare.pt"  # neither a project checkpoint nor a ddpm-torch UNet
+    torch.save({"model": {"linear.weight": torch.zeros(2, 2)}}, bare)
     with pytest.raises(UserError, match="no stored config"):
         load_network(bare)
 

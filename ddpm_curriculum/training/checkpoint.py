@@ -21,6 +21,10 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..models.convert import (describe_mismatch, import_ddpm_torch, import_diffusers, is_ddpm_torch,
+                              is_diffusers_folder, state_mismatch)
+from ..pruning.masks import apply_masks
+from ..pruning.nm import import_compact, is_compact
 
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -36,6 +40,12 @@ def _atomic_write(path: Path, write) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_torch_save(path: Path, obj) -> None:
+    """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written ``path``."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
 def checkpoint_name(step: int) -> str:
@@ -85,15 +95,19 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint safely (tensors and plain containers only)."""
-    path = resolve_checkpoint(path)
+def _torch_load(path: Path):
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, wrong format, pickled code, ...
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot read checkpoint {path} (truncated or not a ddpm-curriculum "
                         f"checkpoint): {msg[:200]}") from None
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint safely (tensors and plain containers only)."""
+    path = resolve_checkpoint(path)
+    state = _torch_load(path)
     if not isinstance(state, dict) or "model" not in state:
         raise UserError(f"{path} is not a ddpm-curriculum checkpoint (no 'model' entry)")
     return state
@@ -101,20 +115,10 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def check_compatible(model: nn.Module, state_dict: dict, source: str) -> None:
     """Raise a one-line UserError when ``state_dict`` does not fit ``model`` (keys or shapes)."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-             if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatches (checkpoint vs model), e.g. {wrong[0]}")
-        if missing:
-            parts.append(f"{len(missing)} missing keys, e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
-        raise UserError(f"checkpoint {source} does not match the model: {'; '.join(parts)}; "
+    unexpected, missing, wrong = state_mismatch(model.state_dict(), state_dict)
+    problems = describe_mismatch(unexpected, missing, [f"{k} {given} (model {own})" for k, given, own in wrong])
+    if problems:
+        raise UserError(f"checkpoint {source} does not match the model: {problems}; "
                         f"use the config the checkpoint was trained with")
 
 
@@ -124,30 +128,89 @@ class LoadedNetwork:
 
     model: nn.Module
     diffusion: object  # CurriculumDiffusion built from the checkpoint's config
-    config: object  # the checkpoint's resolved Config
+    config: object  # the checkpoint's resolved Config (built from their config for imported networks)
     step: int
     weights: str  # "ema" or "model"
     source: Path
+    masks: dict | None = None  # {layer: bool, True = kept} of pruned / mask-learning checkpoints
+    format: str = "ddpm-curriculum"  # or "ddpm-torch", "diffusers", "nm-compact"
 
 
-def load_network(path: str | Path, use_ema: bool = True) -> LoadedNetwork:
+@dataclass
+class _RawNetwork:
+    config: dict
+    state_dict: dict
+    step: int
+    weights: str
+    masks: dict | None = None
+
+
+def _read_project(state: dict, use_ema: bool, source: Path) -> _RawNetwork:
+    weights = "ema" if use_ema and state.get("ema") is not None else "model"
+    # pruned.pt and MaskPro checkpoints store "masks"; masked fine-tuning keeps them in its extension state
+    masks = state.get("masks") or ((state.get("extensions") or {}).get("masked_finetune") or {}).get("masks")
+    return _RawNetwork(state["config"], state[weights], int(state.get("step", 0)), weights, masks)
+
+
+def _read_compact(state: dict, use_ema: bool, source: Path) -> _RawNetwork:
+    sd, masks = import_compact(state)
+    return _RawNetwork(state["config"], sd, int(state.get("step", 0)), "model", masks)
+
+
+def _imported_config(imported) -> dict:
+    return {"dataset": imported.dataset, "diffusion": imported.diffusion, "model": imported.model,
+            "train": {"steps": max(1, imported.step)}}
+
+
+def _read_ddpm_torch(state: dict, use_ema: bool, source: Path) -> _RawNetwork:
+    try:
+        imported = import_ddpm_torch(state, use_ema)
+    except UserError as exc:
+        raise UserError(f"{source} has no stored config and is not a ddpm-torch UNet checkpoint ({exc})") from None
+    return _RawNetwork(_imported_config(imported), imported.state_dict, imported.step, imported.weights)
+
+
+# Checkpoint files load_network understands, tried in order: (name, detect(state), read(state, use_ema, path)).
+NETWORK_FORMATS = [
+    ("nm-compact", is_compact, _read_compact),
+    ("ddpm-curriculum", lambda s: isinstance(s, dict) and "config" in s and "model" in s, _read_project),
+    ("ddpm-torch", is_ddpm_torch, _read_ddpm_torch),
+]
+
+
+def _read_network(path: Path, use_ema: bool) -> tuple[_RawNetwork, str, Path]:
+    if is_diffusers_folder(path):
+        imported = import_diffusers(path)
+        return _RawNetwork(_imported_config(imported), imported.state_dict, 0, "model"), "diffusers", path
+    source = resolve_checkpoint(path)
+    state = _torch_load(source)
+    for name, detect, read in NETWORK_FORMATS:
+        if detect(state):
+            return read(state, use_ema, source), name, source
+    raise UserError(f"{source} has no stored config, so its network cannot be rebuilt; pass a checkpoint "
+                    f"written by train_curriculum.py or prune.py, a ddpm-torch .pt or a diffusers folder")
+
+
+def load_network(path: str | Path, use_ema: bool = True, overrides=()) -> LoadedNetwork:
     """The network of a checkpoint file or run directory (its EMA weights unless ``use_ema`` is False).
 
-    The network is rebuilt from the config stored in the checkpoint, so every registered model variant
-    loads without extra flags. ``generate.py``, ``eval.py`` and ``prune.py`` load models through here.
+    Also reads, detected from their contents: prune.py's pruned checkpoints and N:M compact files (pruned
+    entries zero, ``masks`` set), MaskPro checkpoints (their learned masks are applied), ddpm-torch
+    ``.pt`` files and diffusers ``UNet2DModel`` folders (``models/convert.py``; their config is built from
+    what they store, with DDPM's CIFAR-10 process where they store nothing). The network is rebuilt from
+    the config, so every registered model variant loads without extra flags; ``overrides`` are ``--set``
+    items applied to that config (e.g. ``dataset.name=celeba64`` for an imported CelebA model).
+    ``generate.py``, ``eval.py`` and ``prune.py`` load models through here.
     """
     from ..config import config_from_dict
     from . import builders
 
-    source = resolve_checkpoint(path)
-    state = load_checkpoint(source)
-    if "config" not in state:
-        raise UserError(f"{source} has no stored config, so its network cannot be rebuilt; "
-                        f"pass a checkpoint written by train_curriculum.py or prune.py")
-    cfg = config_from_dict(state["config"])
-    weights = "ema" if use_ema and state.get("ema") is not None else "model"
+    raw, fmt, source = _read_network(Path(path), use_ema)
+    cfg = config_from_dict(raw.config, list(overrides))
     model = builders.make_model(cfg)
-    check_compatible(model, state[weights], str(source))
-    model.load_state_dict(state[weights])
-    return LoadedNetwork(model.eval(), builders.make_diffusion(cfg), cfg, int(state.get("step", 0)),
-                         weights, source)
+    check_compatible(model, raw.state_dict, str(source))
+    model.load_state_dict(raw.state_dict)
+    if raw.masks:
+        apply_masks(model, raw.masks)
+    return LoadedNetwork(model.eval(), builders.make_diffusion(cfg), cfg, raw.step, raw.weights, source,
+                         raw.masks, fmt)

@@ -150,6 +150,9 @@ def worker(args, cfg_dict: dict, run_dir: str, resume: bool) -> int:
     device = dist.init(args.device)
     try:
         cfg = config_from_dict(cfg_dict)
+        trainer_cls = CurriculumTrainer
+        if cfg.mode == "prune" and cfg.maskpro.phase == "learn":
+            from ..pruning.learn import MaskProTrainer as trainer_cls
         state = load_checkpoint(args.resume or run_dir) if resume else None
         run_dir = Path(dist.broadcast_object(str(run_dir)))
         if dist.is_main():
@@ -158,8 +161,8 @@ def worker(args, cfg_dict: dict, run_dir: str, resume: bool) -> int:
         dist.print0(f"mode {cfg.mode}, world size {dist.world_size()}, device {device}, run dir {run_dir}")
         for line in _variant_lines(cfg):
             dist.print0(line)
-        trainer = CurriculumTrainer(cfg, run_dir, device, resume_state=state,
-                                    stop_at_step=args.stop_at_step, progress=not args.no_progress)
+        trainer = trainer_cls(cfg, run_dir, device, resume_state=state,
+                              stop_at_step=args.stop_at_step, progress=not args.no_progress)
         if state is not None:
             dist.print0(f"resumed at step {trainer.step} (epoch {trainer.epoch}, stage '{trainer.stage.name}')")
         trainer.train()
@@ -182,6 +185,12 @@ def _spawned(args, cfg_dict, run_dir, resume):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg, state = resolve(args)
+    if cfg.mode == "prune" and state is None:  # a new prune-mode run takes its architecture from the source
+        from ..pruning.finetune import adopt_source_architecture
+
+        cfg, changed = adopt_source_architecture(cfg)
+        if changed:
+            print(f"note: took {', '.join(changed)} from maskpro.source {cfg.maskpro.source}")
     if args.dry_run:
         print(json.dumps(cfg.to_dict(), indent=2))
         print(describe_plan(cfg))

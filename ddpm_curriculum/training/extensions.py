@@ -129,8 +129,9 @@ def build_extensions(cfg, model: nn.Module) -> list[TrainingExtension]:
     An extension that needs to survive a resume keeps its state in ``state_dict`` or in model buffers
     (``FrozenEntries`` is re-derived from the buffers, so it needs no state of its own).
     """
+    from ..pruning.finetune import masked_finetune_extension  # here: pruning imports this module
     from ..sparsity import make_channel_sparsity, make_group_l1
 
-    factories = [make_channel_sparsity, make_group_l1]
+    factories = [make_channel_sparsity, make_group_l1, masked_finetune_extension]
     extensions = [factory(cfg, model) for factory in factories]
     return [e for e in extensions if e is not None]
