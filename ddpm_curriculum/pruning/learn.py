@@ -110,7 +110,7 @@ class MaskProTrainer(CurriculumTrainer):
         r = (sampled - initial) / count  # paired reward over the global batch: identical on every rank
         advantage = self.update.step(positions, r)
         self.learning.last = {"maskpro_r": r, "maskpro_advantage": advantage, "loss_initial_mask": initial / count}
-        self.log.add(loss_sampled.float(), t, torch.zeros((), device=self.device), x0.shape[0])
+        self.log.add(loss_sampled.float(), None, t, torch.zeros((), device=self.device), x0.shape[0])
         return float(loss_sampled.sum()), bool(stop)
 
     def sampling_model(self):

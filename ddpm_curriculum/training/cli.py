@@ -185,7 +185,9 @@ def _spawned(args, cfg_dict, run_dir, resume):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg, state = resolve(args)
-    if cfg.mode == "prune" and state is None:  # a new prune-mode run takes its architecture from the source
+    if cfg.mode == "prune" and state is None and args.dry_run and not cfg.maskpro.source:
+        print("note: maskpro.source is not set; a real run needs it and takes its architecture from it")
+    elif cfg.mode == "prune" and state is None:  # a new prune-mode run takes its architecture from the source
         from ..pruning.finetune import adopt_source_architecture
 
         cfg, changed = adopt_source_architecture(cfg)
