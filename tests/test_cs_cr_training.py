@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import re
 
 import pytest

@@ -3,7 +3,6 @@ exact probabilities, wrap/unwrap, the policy-gradient update on a toy problem wi
 paired baseline's variance, and mode prune (both phases) inside the trainer: resume and exact zeros."""
 
 import itertools
-import math
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from ddpm_curriculum.errors import UserError
 from ddpm_curriculum.pruning.maskpro import (MaskProLayer, MaskProUpdate, _grad_general, get_model_sparsity_summary,
                                              gumbel_top_n, log_prob_grad, maskpro_layers, plackett_luce_log_prob,
                                              unwrap, wrap_model_with_maskpro)
-from ddpm_curriculum.pruning.nm import nm_groups, nm_mask, nm_ungroup, positions_to_groups
+from ddpm_curriculum.pruning.nm import nm_mask, nm_ungroup, positions_to_groups
 from tests.test_models import randomize, tiny
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
-import time
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ from .. import dist
 from ..config import Config
 from ..errors import UserError
 from . import builders
-from .checkpoint import FORMAT_VERSION, check_compatible, load_checkpoint, save_checkpoint
+from .checkpoint import FORMAT_VERSION, check_compatible, save_checkpoint
 from .ema import EMA
 from .extensions import build_extensions
 from .plan import PACINGS, stage_at, total_steps
