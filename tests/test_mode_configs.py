@@ -1,5 +1,5 @@
 """The shipped mode configs: every one dry-runs, the twoscale family shares one budget, the seeds' celeba32
-C/CS/CR configs train on a fake CelebA, and the plotting and benchmark scripts run on tiny runs."""
+C/CS/CR configs train on a fake CelebA, and the plotting script runs on tiny runs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ddpm_curriculum.config import load_config
 from ddpm_curriculum.training.cli import main as train_main
 from ddpm_curriculum.training.plots import plot_run
 from tests.test_data import make_fake_celeba
-from tests.test_training import ROOT, TINY, script
+from tests.test_training import ROOT, script
 
 CONFIGS = sorted((ROOT / "configs").glob("*.json"))
 SEED_CS = ROOT / "tests" / "fixtures" / "seed001_celeba32_cs.json"
@@ -104,17 +104,3 @@ def test_plot_script_and_bad_mode_configs_exit_2_with_one_line(tmp_path, celeba_
                  "--set", "sparsity.per_stage=[0.5, 0.8, 0.4, 0.2, 0.0]", "--device", "cpu")
     assert res.returncode == 2 and "must not increase" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
-
-
-def test_bench_modes_runs_and_prints_ratios(tmp_path):
-    cfg = json.loads(json.dumps(TINY))
-    cfg["train"]["steps"] = 20
-    path = tmp_path / "tiny.json"
-    path.write_text(json.dumps(cfg))
-    res = subprocess.run([sys.executable, str(ROOT / "scripts/bench_modes.py"), "--config", str(path),
-                          "--batch", "8", "--steps", "1", "--rounds", "1", "--json", str(tmp_path / "b.json")],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert res.returncode == 0, res.stderr
-    result = json.loads((tmp_path / "b.json").read_text())
-    assert set(result["ratio_vs_C_best"]) == {"baseline", "C", "CS", "CR"}
-    assert result["ratio_vs_C_best"]["C"] == 1.0 and all(v > 0 for v in result["img_per_sec_best"].values())

@@ -339,6 +339,24 @@ def unet_kwargs_from_diffusers(conf: dict) -> dict:
             "norm_eps": float(conf.get("norm_eps", 1e-5)), "drop_rate": float(conf.get("dropout", 0.0))}
 
 
+def diffusers_unet_config(model: dict, image_size: int) -> dict:
+    """The diffusers ``UNet2DModel`` keyword arguments with the same layout as our ``model`` config section
+    (the inverse of ``unet_kwargs_from_diffusers``): load ``to_diffusers_state`` weights into it and it computes
+    what our UNet computes. Used by the benchmark to compare against diffusers on equal terms."""
+    hid, attn = int(model["hid_channels"]), [bool(a) for a in model["apply_attn"]]
+    if not model.get("resample_with_conv", True):
+        raise UserError("diffusers' UNet2DModel always resamples with convolutions; set model.resample_with_conv=true")
+    conf = {k: need for k, (_, need) in _DIFFUSERS_FIXED.items()}
+    conf.update(sample_size=int(image_size), in_channels=int(model["in_channels"]),
+                out_channels=int(model["in_channels"]), block_out_channels=[hid * int(c) for c in model["ch_multipliers"]],
+                layers_per_block=int(model["num_res_blocks"]), attention_head_dim=None,
+                down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+                up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+                norm_num_groups=int(model["norm_groups"]), norm_eps=float(model["norm_eps"]),
+                dropout=float(model["drop_rate"]))
+    return conf
+
+
 # DDPMScheduler config → our diffusion section.
 _SCHEDULES = {"linear": "linear", "scaled_linear": "quad", "squaredcos_cap_v2": "cosine"}
 _PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}

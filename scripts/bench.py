@@ -1,0 +1,13 @@
+"""Benchmarks: training, modes, sampling and evaluation speed against diffusers and pytorch-fid, peak memory.
+
+    python scripts/bench.py                         # every part, CPU or the first GPU
+    python scripts/bench.py --parts train,modes --json bench.json
+
+Needs the ``bench`` extra (diffusers, pytorch-fid). See ``python scripts/bench.py --help`` and docs/benchmarks.md.
+"""
+
+from ddpm_curriculum.bench.cli import main
+from ddpm_curriculum.errors import run_cli
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

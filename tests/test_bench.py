@@ -1,0 +1,93 @@
+"""scripts/bench.py on tiny settings: every part runs, the table and JSON hold every candidate, the networks and
+samplers it races against compute what ours compute (so the ratios compare like with like), and peak memory
+is measured in child processes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ddpm_curriculum.bench.cli import PARTS
+from ddpm_curriculum.models.convert import diffusers_unet_config, to_diffusers_state, unet_kwargs_from_diffusers
+from ddpm_curriculum.training import builders
+
+from .test_training import ROOT, TINY, tiny_cfg
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("pytorch_fid")
+
+
+@pytest.mark.parametrize("config", ["quickstart.json", "cifar10_c.json"])
+def test_diffusers_config_has_our_layout(config):
+    from ddpm_curriculum.config import load_config
+
+    cfg = load_config(ROOT / "configs" / config, ["model.hid_channels=32"])
+    m = cfg.to_dict()["model"]
+    conf = diffusers_unet_config(m, builders.image_shape(cfg)[1])
+    assert unet_kwargs_from_diffusers(conf) == {k: m[k] for k in unet_kwargs_from_diffusers(conf)}
+    torch.manual_seed(0)
+    ours = builders.make_model(cfg).eval()
+    with torch.no_grad():
+        for p in ours.parameters():  # the output convolution starts at zero: make every weight matter
+            p.add_(0.05 * torch.randn_like(p))
+    theirs = diffusers.UNet2DModel(**conf).eval()
+    theirs.load_state_dict(to_diffusers_state(ours.state_dict(), len(m["ch_multipliers"]), m["num_res_blocks"]))
+    size = builders.image_shape(cfg)[1]
+    x, t = torch.randn(2, 3, size, size), torch.tensor([3, 900])
+    with torch.no_grad():
+        ref = theirs(x, t).sample
+        assert ref.abs().max() > 0.5
+        torch.testing.assert_close(ours(x, t), ref, rtol=0, atol=1e-4)
+
+
+def bench(tmp_path, *args):
+    path = tmp_path / "tiny.json"
+    cfg = json.loads(json.dumps(TINY))
+    cfg["train"]["steps"] = 20
+    path.write_text(json.dumps(cfg))
+    out = tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, str(ROOT / "scripts/bench.py"), "--rounds", "1", "--steps", "1",
+                          "--train-config", str(path), "--twoscale-config", str(path), "--twoscale-batch", "4",
+                          "--batch", "2", "--modes-config", str(path), "--modes-batch", "4", "--ddim-config",
+                          str(path), "--ddim-batch", "2", "--ddim-steps", "3", "--inception-images", "4",
+                          "--inception-batch", "2", "--fid-dims", "16", "--json", str(out), "--device", "cpu", *args],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    return res.stdout, json.loads(out.read_text())
+
+
+def test_every_part_runs_and_races_like_against_like(tmp_path):
+    table, r = bench(tmp_path, "--no-memory")
+    assert set(PARTS) <= set(r)
+    for part in ("train", "train_twoscale"):
+        assert set(r[part]["img_per_sec"]) == {"ours", "ours_nchw", "diffusers", "diffusers_channels_last"}
+        assert r[part]["max_abs_output_diff_vs_diffusers"] < 1e-4
+        assert r[part]["speedup_vs_diffusers"] == pytest.approx(
+            r[part]["img_per_sec"]["ours"] / r[part]["img_per_sec"]["diffusers"])
+        assert 0 < r[part]["fraction_of_matmul_peak"] and r[part]["gflop_per_step"] > 0
+    # a forward + backward costs ≈ 3 forwards; compare the counted FLOPs with a forward counted here
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = tiny_cfg("train.steps=20")
+    x = torch.randn(2, *builders.image_shape(cfg))
+    with FlopCounterMode(display=False) as counter:
+        builders.make_model(cfg)(x, torch.tensor([1, 2]))
+    assert r["train"]["gflop_per_step"] * 1e9 == pytest.approx(3 * counter.get_total_flops(), rel=0.05)
+    assert set(r["modes"]["ratio_vs_baseline"]) == {"baseline", "C", "CS", "CR", "MaskPro"}
+    assert r["modes"]["ratio_vs_C"]["C"] == 1.0
+    assert r["ddim"]["max_abs_diff_vs_diffusers"] < 1e-4 and r["ddim"]["ours_overhead"] > -1
+    assert r["inception"]["max_abs_feature_diff"] < 1e-4 and r["fid"]["rel_diff"] < 1e-6
+    for name in ("ours_nchw", "diffusers_channels_last", "MaskPro", "pytorch_fid", "conv_channels_last"):
+        assert name in table
+
+
+def test_peak_memory_in_child_processes_and_bad_part(tmp_path):
+    _, r = bench(tmp_path, "--parts", "peaks,fid")
+    for part, names in (("peaks", {"matmul", "conv_channels_last"}), ("fid", {"ours", "pytorch_fid"})):
+        assert set(r[part]["memory"]) == names
+        for m in r[part]["memory"].values():
+            assert m["peak_rss_mb"] >= m["rss_before_build_mb"] > 50  # torch is imported
+    res = subprocess.run([sys.executable, str(ROOT / "scripts/bench.py"), "--parts", "train,warp"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 2 and "unknown part(s) warp" in res.stderr
