@@ -39,7 +39,7 @@ def setup(tiny_run, tmp_path_factory):  # noqa: F811
     weights = random_state_dict(seed=1)
     torch.save(weights, root / "inception.pth")
     return {"root": root, "samples": root / "samples", "ref": ref, "weights": weights,
-            "weights_path": root / "inception.pth", "net": net}
+            "weights_path": root / "inception.pth", "net": net, "run": tiny_run}
 
 
 def pytorch_fid_pipeline(setup):

@@ -12,6 +12,8 @@ from ddpm_curriculum.errors import UserError
 from ddpm_curriculum.experiments import expand_runs, load_grid, run_grid
 from ddpm_curriculum.experiments import runner as runner_module
 from ddpm_curriculum.experiments.report import compare, index, mean_std, paired_interval, verdict
+from tests.test_eval import setup  # noqa: F401  (a fixture: tiny run, reference folder, random Inception weights)
+from tests.test_generate import tiny_run  # noqa: F401  (the fixture setup needs)
 from tests.test_training import ROOT, TINY
 
 
@@ -80,6 +82,8 @@ def test_runs_expand_with_overrides_in_order_and_eval_points(tmp_path):
     ({"baseline_arm": "zzz"}, "baseline_arm 'zzz'"),
     ({"eval_at": [0.0]}, "fractions in (0, 1]"),
     ({"seedz": [1]}, "did you mean 'seeds'"),
+    ({"eval": {"num_samples": 8, "fid_ref": "dataset", "fid_dims": 64}}, "more samples than feature dims"),
+    ({"eval": {"num_samples": 99, "fid_ref": "nowhere/stats.npz", "fid_dims": 64}}, "fid_ref nowhere/stats.npz not found"),
 ])
 def test_bad_grids_are_one_line_errors(tmp_path, change, fragment):
     with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
@@ -134,3 +138,23 @@ def test_repository_grid_quick_mode_runs_every_arm(tmp_path):
     assert all(r["final"] and r["step"] == 100 for r in recs)
     report = (tmp_path / "report.md").read_text()
     assert all(f"| {a} (n=1) |" in report for a in arms)
+
+
+@pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated")
+def test_checkpoint_fid_equals_generate_then_eval(setup, tmp_path):  # noqa: F811  (setup: tests/test_eval.py)
+    """With eval.fid_ref a checkpoint's score includes FID, equal to generate.py + eval.py on the same images."""
+    from ddpm_curriculum.evaluation import EvalSettings, evaluate
+    from ddpm_curriculum.experiments.evaluate import evaluate_checkpoint
+    from ddpm_curriculum.experiments.grid import GridEvalConfig
+    from ddpm_curriculum.sampling import SamplerSpec, generate_to_folder
+
+    n = 66
+    settings = GridEvalConfig(num_samples=n, sample_steps=3, batch_size=32, val_samples=16, seed=7,
+                              fid_ref=str(setup["ref"]), fid_dims=64, inception_weights=str(setup["weights_path"]))
+    metrics = evaluate_checkpoint(setup["run"], settings)
+    assert metrics["fid"] > 0 and "minor_present" in metrics
+    generate_to_folder(setup["net"], SamplerSpec(use_ddim=True, steps=3), tmp_path / "s", n, 33, seed=7,
+                       device="cpu", grid=0, progress=False)
+    direct = evaluate(EvalSettings(samples=str(tmp_path / "s"), ref_folder=str(setup["ref"]), metrics=["fid"],
+                                   dims=64, inception_weights=str(setup["weights_path"]), progress=False), "cpu")
+    assert metrics["fid"] == pytest.approx(direct["metrics"]["fid"], rel=1e-9)

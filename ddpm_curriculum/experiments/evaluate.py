@@ -11,7 +11,7 @@ checkpoints are differences between networks.
   is the low-variance signal.
 - Samples: images 0 … num_samples−1 exactly as ``generate.py --seed <eval seed>`` makes them (DDIM, η = 0,
   or ancestral), quantised like saved PNGs, scored with the twoscale oracle metrics when the dataset is
-  twoscale.
+  twoscale, and with FID (eval.py's code) when the grid's ``eval.fid_ref`` names a reference.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 
 from ..training import builders
 from ..training.checkpoint import load_network
-from ..training.reporting import sample_oracle_metrics
+from ..training.reporting import eval_samples
 from .grid import GridEvalConfig
 
 LOW_T, HIGH_T = 0.2, 0.8  # the seeds' last and first curriculum stage boundaries, as fractions of T
@@ -52,14 +52,43 @@ def validation_losses(net, settings: GridEvalConfig, device, batch_size: int = 2
 
 
 def sample_metrics(net, settings: GridEvalConfig, device) -> dict[str, float]:
-    """Images 0 … num_samples−1 of ``generate.py --seed settings.seed``, scored (twoscale: oracle metrics)."""
+    """Images 0 … num_samples−1 of ``generate.py --seed settings.seed``, scored: twoscale oracle metrics for a
+    twoscale run, FID when ``settings.fid_ref`` is set."""
     cfg = net.config
-    if cfg.dataset.name != "twoscale":
+    twoscale = cfg.dataset.name == "twoscale"
+    if not (twoscale or settings.fid_ref):
         return {}
-    metrics = sample_oracle_metrics(net.diffusion, net.model, builders.make_dataset(cfg), settings.num_samples,
-                                    settings.sample_steps, settings.seed, settings.batch_size, device)
-    metrics.pop("num_samples")
+    images = eval_samples(net.diffusion, net.model, builders.image_shape(cfg), settings.num_samples,
+                          settings.sample_steps, settings.seed, settings.batch_size, device)
+    metrics = {}
+    if twoscale:
+        from ..metrics.oracle import twoscale_oracle_metrics
+
+        metrics = twoscale_oracle_metrics(images.permute(0, 3, 1, 2).float() / 127.5 - 1, builders.make_dataset(cfg))
+        metrics.pop("num_samples")
+    if settings.fid_ref:
+        metrics["fid"] = sample_fid(images, cfg, settings, device)
     return metrics
+
+
+def sample_fid(images: torch.Tensor, cfg, settings: GridEvalConfig, device) -> float:
+    """FID of uint8 ``images`` against ``settings.fid_ref`` — computed by eval.py's code on the same images
+    ``generate.py`` would save, so it equals ``eval.py --sample-folder … --ref-…`` on them."""
+    import tempfile
+
+    import numpy as np
+
+    from ..evaluation import EvalSettings, evaluate
+
+    ref = settings.fid_ref
+    where = ({"dataset_config": cfg} if ref == "dataset" else {"ref_stats": ref} if ref.endswith(".npz")
+             else {"ref_folder": ref})
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(f"{tmp}/samples.npz", images.numpy())
+        result = evaluate(EvalSettings(samples=f"{tmp}/samples.npz", metrics=["fid"], dims=settings.fid_dims,
+                                       inception_weights=settings.inception_weights, progress=False, **where),
+                          device)
+    return float(result["metrics"]["fid"])
 
 
 def evaluate_checkpoint(path: str | Path, settings: GridEvalConfig, device="cpu") -> dict:

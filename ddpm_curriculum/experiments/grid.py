@@ -50,6 +50,12 @@ class GridEvalConfig:
     batch_size: int = opt(512, "Sampling batch size.", lo=1)
     val_samples: int = opt(1024, "Held-out training images for the validation denoising loss.", lo=1)
     seed: int = opt(1234, "Seed of the evaluation noise and the validation timesteps.", lo=0)
+    fid_ref: str | None = opt(None, "FID reference: a statistics .npz (eval.py --save-stats, pytorch-fid), an "
+                                    "image folder, or \"dataset\" (the run's training set, statistics cached); "
+                                    "null = no FID.")
+    fid_dims: int = opt(2048, "Inception feature dims for FID (2048 = the standard pool3 features).", lo=1)
+    inception_weights: str | None = opt(None, "pt_inception-2015-12-05 weights file for FID; null = the default "
+                                              "location (downloaded when online), as for eval.py.")
 
 
 @dataclass
@@ -110,6 +116,13 @@ def load_grid(path: str | Path) -> GridConfig:
         raise UserError(f"grid {path}: 'seeds' and 'quick.seeds' must not be empty")
     if len(set(grid.seeds)) != len(grid.seeds):
         raise UserError(f"grid {path}: 'seeds' has duplicates: {grid.seeds}")
+    for key, ev in (("eval", grid.eval), ("quick.eval", grid.quick.eval or grid.eval)):
+        if ev.fid_ref and ev.num_samples <= ev.fid_dims:
+            raise UserError(f"grid {path}: FID needs more samples than feature dims ({key}.num_samples = "
+                            f"{ev.num_samples} <= {key}.fid_dims = {ev.fid_dims}); raise num_samples or lower fid_dims")
+        if ev.fid_ref and ev.fid_ref != "dataset" and not Path(ev.fid_ref).exists():
+            raise UserError(f"grid {path}: {key}.fid_ref {ev.fid_ref} not found; give a statistics .npz, an "
+                            f"image folder or \"dataset\"")
     return grid
 
 

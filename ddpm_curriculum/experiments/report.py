@@ -21,9 +21,10 @@ METRICS = [
     ("val_loss", -1), ("val_loss_low_t", -1), ("val_loss_high_t", -1),
     ("minor_present", +1), ("minor_amplitude", 0), ("minor_coverage", +1),
     ("major_present", +1), ("major_amplitude", 0), ("major_coverage", +1), ("residual_ratio", 0),
+    ("fid", -1),
 ]
 KEY_METRICS = ("val_loss", "val_loss_low_t", "minor_present", "minor_amplitude", "major_present",
-               "residual_ratio")
+               "residual_ratio", "fid")
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

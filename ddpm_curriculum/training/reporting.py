@@ -125,26 +125,30 @@ def save_grid(diffusion, model, noise: torch.Tensor, steps: int, path: Path, dev
 
 
 @torch.no_grad()
-def sample_oracle_metrics(diffusion, model, dataset, num_samples: int, sample_steps: int, seed: int,
-                          batch_size: int, device) -> dict:
-    """Images 0 … num_samples−1 exactly as ``generate.py --seed seed`` makes them (DDIM with ``sample_steps``
-    steps and η = 0, or ancestral when 0; one noise stream per image), quantised like saved PNGs and scored
-    with the twoscale oracle metrics."""
-    from ..metrics.oracle import twoscale_oracle_metrics
+def eval_samples(diffusion, model, shape, num_samples: int, sample_steps: int, seed: int, batch_size: int,
+                 device) -> torch.Tensor:
+    """uint8 [N, H, W, C]: images 0 … num_samples−1 exactly as ``generate.py --seed seed`` makes them (DDIM with
+    ``sample_steps`` steps and η = 0, or ancestral when 0; one noise stream per image), quantised like saved PNGs."""
     from ..sampling import SamplerSpec, sample_batch, to_uint8
 
     spec = SamplerSpec(use_ddim=sample_steps > 0, steps=max(sample_steps, 1))
     was_training = model.training
     model.eval()
     try:
-        chunks = []
-        for lo in range(0, num_samples, batch_size):
-            x0 = sample_batch(diffusion, model, spec, range(lo, min(num_samples, lo + batch_size)), seed,
-                              dataset.image_shape, device)
-            chunks.append(to_uint8(x0).permute(0, 3, 1, 2).float() / 127.5 - 1)
+        return torch.cat([to_uint8(sample_batch(diffusion, model, spec, range(lo, min(num_samples, lo + batch_size)),
+                                                seed, shape, device))
+                          for lo in range(0, num_samples, batch_size)])
     finally:
         model.train(was_training)
-    return twoscale_oracle_metrics(torch.cat(chunks), dataset)
+
+
+def sample_oracle_metrics(diffusion, model, dataset, num_samples: int, sample_steps: int, seed: int,
+                          batch_size: int, device) -> dict:
+    """``eval_samples`` scored with the twoscale oracle metrics."""
+    from ..metrics.oracle import twoscale_oracle_metrics
+
+    images = eval_samples(diffusion, model, dataset.image_shape, num_samples, sample_steps, seed, batch_size, device)
+    return twoscale_oracle_metrics(images.permute(0, 3, 1, 2).float() / 127.5 - 1, dataset)
 
 
 def evaluate_samples(cfg, diffusion, model, dataset, device, out_path: Path, step: int) -> dict:
