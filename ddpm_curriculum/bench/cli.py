@@ -44,6 +44,8 @@ def train_cases(args, cfg_path: str, overrides: list[str], batch: int) -> dict:
              "ours_nchw": partial(train.make_train_step, cfg, "ours", batch, args.device, False),
              "diffusers": partial(train.make_train_step, cfg, "diffusers", batch, args.device, False),
              "diffusers_channels_last": partial(train.make_train_step, cfg, "diffusers", batch, args.device, True)}
+    if args.compile:
+        cases["ours_compiled"] = partial(train.make_train_step, cfg, "ours", batch, args.device, True, False, True)
     if args.device.startswith("cuda"):
         cases["ours_bf16"] = partial(train.make_train_step, cfg, "ours", batch, args.device, True, True)
         cases["diffusers_bf16"] = partial(train.make_train_step, cfg, "diffusers", batch, args.device, False, True)
@@ -218,6 +220,8 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=3, help="calls per timed round (training and mode steps)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-candidate peak-memory child runs")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--compile", action="store_true",
+                   help="training parts: add our UNet under torch.compile (model.compile; compiling takes minutes)")
     p.add_argument("--batch", type=int, default=16, help="part train: batch size")
     p.add_argument("--train-config", default="configs/cifar10_c.json")
     p.add_argument("--train-set", action="append", default=[], help="override for --train-config (repeatable)")

@@ -53,11 +53,13 @@ def fixed_batch(cfg: Config, batch: int, device, channels_last: bool):
 
 
 def make_train_step(cfg: Config, impl: str, batch: int, device="cpu", channels_last: bool = True,
-                    bf16: bool = False, model: nn.Module | None = None):
-    """One full optimizer step of ``impl``'s network (or of ``model`` if given) on a fixed batch."""
-    model = (model or build_network(cfg, impl)).to(device).train()
+                    bf16: bool = False, compile: bool = False):
+    """One full optimizer step of ``impl``'s network on a fixed batch (``compile``: the forward and backward
+    through ``torch.compile``, as ``model.compile`` trains; the first call compiles)."""
+    model = build_network(cfg, impl).to(device).train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if compile else model
     diffusion = builders.make_diffusion(cfg)
     x0, t, noise = fixed_batch(cfg, batch, device, channels_last)
     ema = EMA(model, cfg.train.ema_decay)
@@ -66,7 +68,7 @@ def make_train_step(cfg: Config, impl: str, batch: int, device="cpu", channels_l
 
     def step():
         with autocast:
-            loss = diffusion.training_losses(model, x0, t, noise).mean()
+            loss = diffusion.training_losses(net, x0, t, noise).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_norm)
         opt.step()
