@@ -367,16 +367,20 @@ def config_from_dict(raw: dict, overrides: list[str] | tuple = ()) -> Config:
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> Config:
-    """Read a JSON config file, apply ``--set`` overrides and validate."""
+def read_json_file(path: str | Path, what: str, example: str):
+    """The parsed contents of a JSON file; a missing or malformed file is a one-line UserError."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file not found: {path} (pass an existing JSON file, e.g. configs/quickstart.json)")
+        raise UserError(f"{what} not found: {path} (pass an existing JSON file, e.g. {example})")
     try:
-        raw = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"config file {path} is not valid JSON: {exc}") from None
-    return config_from_dict(raw, overrides)
+        raise UserError(f"{what} {path} is not valid JSON: {exc}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> Config:
+    """Read a JSON config file, apply ``--set`` overrides and validate."""
+    return config_from_dict(read_json_file(path, "config file", "configs/quickstart.json"), overrides)
 
 
 def parse_override_value(text: str):

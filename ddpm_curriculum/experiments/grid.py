@@ -25,11 +25,10 @@ draws, so differences between arms are paired by seed.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import Config, build_section, load_config, opt
+from ..config import Config, build_section, load_config, opt, read_json_file
 from ..errors import UserError
 
 RUN_OVERRIDES = (  # what the runner changes in every training run (it evaluates checkpoints itself)
@@ -94,13 +93,7 @@ class RunSpec:
 
 def load_grid(path: str | Path) -> GridConfig:
     """Read and validate a grid file (unknown keys, bad values → one-line UserError)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"grid file not found: {path} (e.g. configs/experiments/twoscale_modes.json)")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"grid file {path} is not valid JSON: {exc}") from None
+    raw = read_json_file(path, "grid file", "configs/experiments/twoscale_modes.json")
     grid = build_section(GridConfig, raw, "")
     names = [a.name for a in grid.arms]
     if not names or not all(names):
