@@ -42,13 +42,13 @@ def test_diffusers_config_has_our_layout(config):
         torch.testing.assert_close(ours(x, t), ref, rtol=0, atol=1e-4)
 
 
-def bench(tmp_path, *args):
+def bench(tmp_path, *args, script="bench.py"):
     path = tmp_path / "tiny.json"
     cfg = json.loads(json.dumps(TINY))
     cfg["train"]["steps"] = 20
     path.write_text(json.dumps(cfg))
     out = tmp_path / "bench.json"
-    res = subprocess.run([sys.executable, str(ROOT / "scripts/bench.py"), "--rounds", "1", "--steps", "1",
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--rounds", "1", "--steps", "1",
                           "--train-config", str(path), "--twoscale-config", str(path), "--twoscale-batch", "4",
                           "--batch", "2", "--modes-config", str(path), "--modes-batch", "4", "--ddim-config",
                           str(path), "--ddim-batch", "2", "--ddim-steps", "3", "--inception-images", "4",
@@ -83,7 +83,7 @@ def test_every_part_runs_and_races_like_against_like(tmp_path):
 
 
 def test_peak_memory_in_child_processes_and_bad_part(tmp_path):
-    _, r = bench(tmp_path, "--parts", "peaks,fid")
+    _, r = bench(tmp_path, "--parts", "peaks,fid", script="bench_eval.py")  # the per-area names take every option
     for part, names in (("peaks", {"matmul", "conv_channels_last"}), ("fid", {"ours", "pytorch_fid"})):
         assert set(r[part]["memory"]) == names
         for m in r[part]["memory"].values():
