@@ -2,8 +2,8 @@
 the same loss and the same optimizer step, and the machine's fp32 peaks that the achieved GFLOP/s is read against.
 
 A step is the one ``CurriculumTrainer`` takes: noise the batch, ε-MSE loss, backward, clip the gradient norm,
-Adam, EMA update. Both networks run it on the same batch; ours in channels_last (the config's
-``model.channels_last``, the layout training uses), diffusers in its default NCHW and in channels_last.
+Adam, EMA update. Both networks run it on the same batch, each in NCHW and in channels_last (what
+``model.channels_last: true`` trains with: model and batch in that memory format); diffusers' default is NCHW.
 """
 
 from __future__ import annotations
