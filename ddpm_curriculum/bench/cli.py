@@ -116,8 +116,17 @@ def summarize(part: str, args, secs: dict, out: dict, results: dict) -> dict:
 
 # --- peak memory: each candidate alone in a child process ----------------------------------------------
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _memory_mb(field: str) -> float:
+    """``VmHWM`` (peak) or ``VmRSS`` (current) resident memory of this process in MB, from /proc (Linux). Not
+    ``getrusage``: its ru_maxrss survives fork + exec, so a child would report its parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / (1024 if sys.platform == "darwin" else 1)
 
 
 def child_memory(args) -> None:
@@ -125,13 +134,13 @@ def child_memory(args) -> None:
     part, name = args.memory_child.split(":")
     cuda = args.device.startswith("cuda")
     with tempfile.TemporaryDirectory() as tmp:
-        before = _rss_mb()
+        before = _memory_mb("VmRSS")
         fn = part_cases(part, args, {}, tmp)[name]()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         fn(), fn()
         sync(args.device)
-        res = {"peak_rss_mb": _rss_mb(), "rss_before_build_mb": before}
+        res = {"peak_rss_mb": _memory_mb("VmHWM"), "rss_before_build_mb": before}
         if cuda:
             res["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     print("MEMORY " + json.dumps(res), flush=True)
@@ -156,7 +165,7 @@ def _mem(res: dict, name: str) -> str:
     m = res.get("memory", {}).get(name, {})
     if "cuda_max_allocated_mb" in m:
         return f"{m['cuda_max_allocated_mb']:.0f} MB cuda"
-    return f"{m['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in m else ""
+    return f"{m['peak_rss_mb']:.0f} MB (+{m['peak_rss_mb'] - m['rss_before_build_mb']:.0f})" if "peak_rss_mb" in m else ""
 
 
 def table(results: dict) -> str:
@@ -268,10 +277,10 @@ def main(argv=None) -> int:
         if not args.no_memory:
             results[part]["memory"] = measure_memory(part, list(secs), argv)
         print(f"{part}: done", flush=True)
+        if args.json:  # after every part, so an interrupted run keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
     print(table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
     return 0
 
 
