@@ -156,9 +156,10 @@ def _prdc_metrics(s, metrics, sample_feats, ref, device, notes: list) -> tuple[d
 
 def _oracle(samples, dataset) -> dict:
     from ..metrics.oracle import twoscale_oracle_metrics
+    from ..sampling import from_uint8
 
-    x = torch.from_numpy(samples.load(range(len(samples)))).permute(0, 3, 1, 2).double() / 127.5 - 1.0
-    return twoscale_oracle_metrics(x, dataset)
+    return twoscale_oracle_metrics(from_uint8(torch.from_numpy(samples.load(range(len(samples)))), torch.float64),
+                                   dataset)
 
 
 def evaluate(s: EvalSettings, device) -> dict:

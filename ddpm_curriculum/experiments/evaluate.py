@@ -63,8 +63,9 @@ def sample_metrics(net, settings: GridEvalConfig, device) -> dict[str, float]:
     metrics = {}
     if twoscale:
         from ..metrics.oracle import twoscale_oracle_metrics
+        from ..sampling import from_uint8
 
-        metrics = twoscale_oracle_metrics(images.permute(0, 3, 1, 2).float() / 127.5 - 1, builders.make_dataset(cfg))
+        metrics = twoscale_oracle_metrics(from_uint8(images), builders.make_dataset(cfg))
         metrics.pop("num_samples")
     if settings.fid_ref:
         metrics["fid"] = sample_fid(images, cfg, settings, device)

@@ -71,3 +71,8 @@ def sample_batch(diffusion, model, spec: SamplerSpec, indices: Sequence[int], se
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Model space [B, C, H, W] (≈ [−1, 1]) → uint8 [B, H, W, C] on the CPU, rounded like saved PNGs."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def from_uint8(images: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """uint8 [B, H, W, C] (saved images, ``to_uint8``'s output) → model space [B, C, H, W] in [−1, 1]."""
+    return images.permute(0, 3, 1, 2).to(dtype) / 127.5 - 1

@@ -146,9 +146,10 @@ def sample_oracle_metrics(diffusion, model, dataset, num_samples: int, sample_st
                           batch_size: int, device) -> dict:
     """``eval_samples`` scored with the twoscale oracle metrics."""
     from ..metrics.oracle import twoscale_oracle_metrics
+    from ..sampling import from_uint8
 
     images = eval_samples(diffusion, model, dataset.image_shape, num_samples, sample_steps, seed, batch_size, device)
-    return twoscale_oracle_metrics(images.permute(0, 3, 1, 2).float() / 127.5 - 1, dataset)
+    return twoscale_oracle_metrics(from_uint8(images), dataset)
 
 
 def evaluate_samples(cfg, diffusion, model, dataset, device, out_path: Path, step: int) -> dict:
