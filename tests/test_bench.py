@@ -91,3 +91,8 @@ def test_peak_memory_in_child_processes_and_bad_part(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "scripts/bench.py"), "--parts", "train,warp"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert res.returncode == 2 and "unknown part(s) warp" in res.stderr
+    res = subprocess.run([sys.executable, str(ROOT / "scripts/bench.py"), "--parts", "ddim", "--ddim-config",
+                          str(tmp_path / "tiny.json"), "--ddim-set", "diffusion.beta_schedule=cosine", "--no-memory"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 2 and "linear-β ε-prediction" in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1

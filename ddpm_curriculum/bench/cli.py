@@ -38,8 +38,16 @@ PARTS = ["peaks", "train", "train_twoscale", "modes", "ddim", "inception", "fid"
 
 # --- the candidates of each part: {name: factory}, a factory building the callable to time -----------------
 
-def train_cases(args, cfg_path: str, overrides: list[str], batch: int) -> dict:
-    cfg = load_config(cfg_path, overrides)
+def train_setting(part: str, args) -> tuple[str, list[str], int]:
+    """(config path, overrides, batch) of a training part."""
+    if part == "train":
+        return args.train_config, args.train_set, args.batch
+    return args.twoscale_config, args.twoscale_set, args.twoscale_batch
+
+
+def train_cases(args, part: str, out: dict) -> dict:
+    cfg_path, overrides, batch = train_setting(part, args)
+    cfg = out["cfg"] = load_config(cfg_path, overrides)
     cases = {"ours": partial(train.make_train_step, cfg, "ours", batch, args.device, True),
              "ours_nchw": partial(train.make_train_step, cfg, "ours", batch, args.device, False),
              "diffusers": partial(train.make_train_step, cfg, "diffusers", batch, args.device, False),
@@ -68,10 +76,8 @@ def modes_cases(args, tmp: str) -> dict:
 def part_cases(part: str, args, out: dict, tmp: str) -> dict:
     if part == "peaks":
         return peaks_cases(args)
-    if part == "train":
-        return train_cases(args, args.train_config, args.train_set, args.batch)
-    if part == "train_twoscale":
-        return train_cases(args, args.twoscale_config, args.twoscale_set, args.twoscale_batch)
+    if part in ("train", "train_twoscale"):
+        return train_cases(args, part, out)
     if part == "modes":
         return modes_cases(args, tmp)
     return {"ddim": evaluation.ddim_cases, "inception": evaluation.inception_cases,
@@ -80,8 +86,8 @@ def part_cases(part: str, args, out: dict, tmp: str) -> dict:
 
 # --- what each part reports -------------------------------------------------------------------------------
 
-def train_summary(args, secs, cfg_path, overrides, batch, peaks) -> dict:
-    cfg = load_config(cfg_path, overrides)
+def train_summary(args, part: str, secs: dict, cfg, peaks: dict | None) -> dict:
+    cfg_path, _, batch = train_setting(part, args)
     flops = train.step_flops(cfg, batch)
     ips = {k: batch / s for k, s in secs.items()}
     res = {"config": cfg_path, "batch": batch, "img_per_sec": ips,
@@ -99,11 +105,8 @@ def summarize(part: str, args, secs: dict, out: dict, results: dict) -> dict:
     if part == "peaks":
         flops = train.peak_flops()
         return {"gflop_per_sec": {k: flops[k] / secs[k] / 1e9 for k in secs}, "shapes": train.PEAK_SHAPES}
-    if part == "train":
-        return train_summary(args, secs, args.train_config, args.train_set, args.batch, results.get("peaks"))
-    if part == "train_twoscale":
-        return train_summary(args, secs, args.twoscale_config, args.twoscale_set, args.twoscale_batch,
-                             results.get("peaks"))
+    if part in ("train", "train_twoscale"):
+        return train_summary(args, part, secs, out["cfg"], results.get("peaks"))
     if part == "modes":
         ips = {k: args.modes_batch / s for k, s in secs.items()}
         return {"config": args.modes_config, "batch": args.modes_batch, "img_per_sec": ips,

@@ -23,6 +23,7 @@ from unittest import mock
 import numpy as np
 import torch
 
+from ..errors import UserError
 from .timing import sync
 
 
@@ -102,12 +103,13 @@ def inception_summary(args, secs: dict, out: dict) -> dict:
             "max_abs_feature_diff": float((out["ours"] - out["pytorch_fid"]).abs().max())}
 
 
-def _diffusers_ddim(cfg, steps):
+def _diffusers_ddim(cfg, steps, args_config):
     from diffusers import DDIMScheduler
 
     d = cfg.diffusion
     if d.beta_schedule != "linear" or d.model_mean_type != "eps":
-        raise SystemExit("the DDIM benchmark compares against diffusers with a linear-β ε-prediction config")
+        raise UserError(f"--ddim-config {args_config}: the DDIM benchmark compares against diffusers' DDIMScheduler, "
+                        f"which needs a linear-β ε-prediction config (e.g. configs/cifar10_c.json)")
     sched = DDIMScheduler(num_train_timesteps=d.timesteps, beta_start=d.beta_start, beta_end=d.beta_end,
                           beta_schedule="linear", clip_sample=True, set_alpha_to_one=True, steps_offset=0,
                           timestep_spacing="leading", prediction_type="epsilon")
@@ -150,7 +152,7 @@ def ddim_cases(args, out: dict) -> dict:
         return timed("ours", net, lambda: sample_batch(diffusion, net, spec, indices, 0, shape, device))
 
     def diffusers():
-        net, sched = network(), _diffusers_ddim(cfg, steps)
+        net, sched = network(), _diffusers_ddim(cfg, steps, args.ddim_config)
         x_T = PerImageNoise(0, indices, shape, device).initial()  # the x_T sample_batch starts from
 
         def reference():

@@ -28,18 +28,21 @@ class DiffusersEps(nn.Module):
         return self.unet(x, t).sample
 
 
-def build_network(cfg: Config, impl: str) -> nn.Module:
-    """``impl`` = "ours" or "diffusers": the config's UNet with seed-0 weights (diffusers gets the same ones)."""
-    torch.manual_seed(0)
-    model = builders.make_model(cfg)
-    if impl == "ours":
-        return model
+def diffusers_copy(cfg: Config, model: nn.Module) -> DiffusersEps:
+    """diffusers' ``UNet2DModel`` with the layout of ``cfg.model`` and the weights of our ``model``."""
     from diffusers import UNet2DModel
 
     m = cfg.to_dict()["model"]
     unet = UNet2DModel(**diffusers_unet_config(m, builders.image_shape(cfg)[1]))
     unet.load_state_dict(to_diffusers_state(model.state_dict(), len(m["ch_multipliers"]), m["num_res_blocks"]))
     return DiffusersEps(unet)
+
+
+def build_network(cfg: Config, impl: str) -> nn.Module:
+    """``impl`` = "ours" or "diffusers": the config's UNet with seed-0 weights (diffusers gets the same ones)."""
+    torch.manual_seed(0)
+    model = builders.make_model(cfg)
+    return model if impl == "ours" else diffusers_copy(cfg, model)
 
 
 def fixed_batch(cfg: Config, batch: int, device, channels_last: bool):
@@ -99,9 +102,7 @@ def outputs_max_diff(cfg: Config) -> float:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    theirs = build_network(cfg, "diffusers").eval()
-    m = cfg.to_dict()["model"]
-    theirs.unet.load_state_dict(to_diffusers_state(model.state_dict(), len(m["ch_multipliers"]), m["num_res_blocks"]))
+    theirs = diffusers_copy(cfg, model).eval()
     x0, t, _ = fixed_batch(cfg, 2, "cpu", False)
     with torch.no_grad():
         return float((model(x0, t) - theirs(x0, t)).abs().max())
