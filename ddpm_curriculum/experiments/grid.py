@@ -66,6 +66,18 @@ class QuickConfig:
 
 
 @dataclass
+class EndpointConfig:
+    t50_metric: str = opt("minor_present", "Metric whose first crossing of t50_threshold is the T50 endpoint.")
+    t50_threshold: float = opt(0.5, "Threshold of the T50 endpoint.")
+    auc_metrics: list[str] = opt([], "Metrics averaged over training (trapezoid area / budget) as AUC endpoints.")
+    end_metrics: list[str] = opt([], "Metrics compared at the end of training (\"better\").")
+    exposure_below: float = opt(0.2, "Exposure = training samples drawn with t < exposure_below·T so far.",
+                                lo=0, hi=1, lo_open=True)
+    alpha: float = opt(0.05, "Family-wise error rate of each endpoint's contrasts (Holm).", lo=0, hi=1,
+                       lo_open=True)
+
+
+@dataclass
 class GridConfig:
     base_config: str | None = opt(None, "Config of the arms that name none.")
     set: list[str] = opt([], "--set overrides applied to every arm.")
@@ -75,6 +87,9 @@ class GridConfig:
     eval_at: list[float] = opt([1.0], "Evaluation points as fractions of the training length, in (0, 1].")
     eval: GridEvalConfig = field(default_factory=GridEvalConfig)
     quick: QuickConfig = field(default_factory=QuickConfig)
+    contrasts: list[list[str]] = opt([], "Pre-registered contrasts [A, B] (A − B paired by seed, Holm-corrected "
+                                         "per endpoint); empty = the exploratory report against baseline_arm.")
+    endpoints: EndpointConfig = field(default_factory=EndpointConfig)
 
 
 @dataclass(frozen=True)
@@ -105,6 +120,9 @@ def load_grid(path: str | Path) -> GridConfig:
     for key, fractions in (("eval_at", grid.eval_at), ("quick.eval_at", grid.quick.eval_at or [1.0])):
         if not fractions or not all(0 < f <= 1 for f in fractions):
             raise UserError(f"grid {path}: '{key}' = {fractions} must be fractions in (0, 1]")
+    for pair in grid.contrasts:
+        if len(pair) != 2 or not set(pair) <= set(names) or pair[0] == pair[1]:
+            raise UserError(f"grid {path}: contrast {pair} must name two different arms of {names}")
     if not grid.seeds or (not grid.quick.seeds):
         raise UserError(f"grid {path}: 'seeds' and 'quick.seeds' must not be empty")
     if len(set(grid.seeds)) != len(grid.seeds):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from scipy import stats
 
+from .endpoints import first_crossing, exposure, mean_over_training, paired_contrasts
+
 # (metric, better direction: +1 higher, −1 lower, 0 closer to 1), in report order
 METRICS = [
     ("val_loss", -1), ("val_loss_low_t", -1), ("val_loss_high_t", -1),
@@ -97,7 +99,7 @@ def _table_final(by_point, arms, final_step, metrics) -> list[str]:
     return lines
 
 
-def _table_diffs(by_point, arms, base, step, metrics, directions) -> list[str]:
+def _table_diffs(by_point, arms, base, step, metrics, directions, labels: bool = True) -> list[str]:
     lines = ["| arm − " + base + " | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for arm in arms:
         if arm == base:
@@ -111,7 +113,7 @@ def _table_diffs(by_point, arms, base, step, metrics, directions) -> list[str]:
             mean, half, n = c
             base_vals = [r[m] for r in by_point.get((base, step), {}).values() if m in r]
             v = verdict(mean, half, directions[m], statistics.fmean(base_vals) if base_vals else None)
-            mark = {"better": " **better**", "worse": " **worse**"}.get(v, "")
+            mark = {"better": " **better**", "worse": " **worse**"}.get(v, "") if labels else ""
             cells.append(f"{_pm(mean, half)}{mark}" if half is not None else f"{_fmt(mean)} (n=1)")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines
@@ -148,6 +150,102 @@ def summary_sentences(by_point, arms, base, step, directions) -> list[str]:
     return out
 
 
+def _run_curves(by_point: dict) -> dict:
+    """{(arm, seed): [records in step order]}."""
+    runs: dict = {}
+    for (arm, _), recs in by_point.items():
+        for seed, rec in recs.items():
+            runs.setdefault((arm, seed), []).append(rec)
+    return {k: sorted(v, key=lambda r: r["step"]) for k, v in runs.items()}
+
+
+def endpoint_values(by_point: dict, ep) -> dict:
+    """{endpoint name: {arm: {seed: value}}} of the pre-registered endpoints, plus "_censored" and
+    "_exposure" ({arm: {seed: …}}) for finished runs (those with a ``final`` record)."""
+    out: dict = {"_censored": {}, "_exposure": {}}
+    for (arm, seed), recs in _run_curves(by_point).items():
+        if not recs[-1].get("final"):
+            continue
+        budget = recs[-1]["step"]
+
+        def put(name, value):
+            out.setdefault(name, {}).setdefault(arm, {})[seed] = value
+
+        curve = [(r["step"], r[ep.t50_metric]) for r in recs if ep.t50_metric in r]
+        if curve:
+            cross = first_crossing(curve, ep.t50_threshold, budget)
+            put(f"T50({ep.t50_metric} ≥ {ep.t50_threshold:g})", cross.step)
+            out["_censored"].setdefault(arm, {})[seed] = cross.censored
+        for m in ep.auc_metrics:
+            curve = [(r["step"], r[m]) for r in recs if m in r]
+            if curve and curve[-1][0] == budget:
+                put(f"AUC({m})", mean_over_training(curve, budget))
+        for m in ep.end_metrics:
+            if m in recs[-1]:
+                put(f"end({m})", recs[-1][m])
+        if "drawn_per_t_bin" in recs[-1]:
+            out["_exposure"].setdefault(arm, {})[seed] = exposure(recs[-1]["drawn_per_t_bin"], ep.exposure_below)
+    return out
+
+
+def _mean_or_dash(values) -> str:
+    values = [v for v in values if v is not None]
+    return "—" if not values else _pm(*mean_std(values))
+
+
+def endpoint_lines(by_point: dict, grid, arms: list[str]) -> list[str]:
+    """The pre-registered section: endpoints per arm, exposure over training, Holm-corrected contrasts."""
+    ep = grid.endpoints
+    values = endpoint_values(by_point, ep)
+    names = [k for k in values if not k.startswith("_")]
+    cens, expo = values["_censored"], values["_exposure"]
+    below = f"t < {ep.exposure_below:g}·T"
+    lines = ["## Pre-registered endpoints", "",
+             f"Endpoints and contrasts were fixed in the grid file before the run "
+             f"(`ddpm_curriculum/experiments/endpoints.py` defines them). T50 starts from (step 0, 0) and is "
+             f"censored at the budget (\"> budget\"); a censored run enters a difference at the budget, so that "
+             f"difference is a bound. Exposure = training samples drawn with {below}: **equal steps are not equal "
+             f"exposure**.", "",
+             "| arm | " + " | ".join(names) + f" | censored T50 | samples with {below} at the end |",
+             "|---" * (len(names) + 3) + "|"]
+    for arm in arms:
+        cells = [_mean_or_dash(values[n].get(arm, {}).values()) for n in names]
+        c = cens.get(arm, {})
+        cells.append(f"{sum(c.values())}/{len(c)}" if c else "—")
+        cells.append(_mean_or_dash([float(v) for v in expo.get(arm, {}).values() if v is not None]))
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    steps = sorted({s for (a, s) in by_point})
+    lines += ["", f"Exposure over training (samples with {below}, mean over seeds):", "",
+              "| arm | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    for arm in arms:
+        cells = []
+        for s in steps:
+            e = [exposure(r["drawn_per_t_bin"], ep.exposure_below) for r in by_point.get((arm, s), {}).values()
+                 if "drawn_per_t_bin" in r]
+            e = [v for v in e if v is not None]
+            cells.append(f"{statistics.fmean(e):.0f}" if e else "—")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    for name in names:
+        pairs = [(f"{a} − {b}", values[name].get(a, {}), values[name].get(b, {})) for a, b in grid.contrasts]
+        lines += ["", f"### {name}: contrasts (paired by seed, Holm over {len(pairs)} contrasts, "
+                      f"α = {ep.alpha:g})", "",
+                  "| contrast | mean difference | interval | p | p (Holm) | verdict | exposure A / B at the end |",
+                  "|---|---|---|---|---|---|---|"]
+        for (a, b), c in zip(grid.contrasts, paired_contrasts(pairs, ep.alpha)):
+            ea = _mean_or_dash([float(v) for v in expo.get(a, {}).values() if v is not None])
+            eb = _mean_or_dash([float(v) for v in expo.get(b, {}).values() if v is not None])
+            bound = sum(cens.get(a, {}).values()) + sum(cens.get(b, {}).values()) if name.startswith("T50") else 0
+            if c.p_holm is None:
+                lines.append(f"| {c.name} | {_fmt(c.mean)} (n={c.n}) | — | — | — | not tested (n < 2) | {ea} / {eb} |")
+                continue
+            verdict_text = "different" if c.different(ep.alpha) else "no detectable difference"
+            if bound:
+                verdict_text += f" ({bound} censored runs: a bound)"
+            lines.append(f"| {c.name} | {_fmt(c.mean)} (n={c.n}) | ± {c.half:.2g} ({c.level:.2%}) | {c.p:.3g} | "
+                         f"{c.p_holm:.3g} | {verdict_text} | {ea} / {eb} |")
+    return lines + [""]
+
+
 def write_report(records: list[dict], grid, base: str, out_dir: Path, quick: bool = False,
                  command: str | None = None) -> Path:
     """Write ``report.md`` (and ``plots/*.png`` when matplotlib is installed); returns the report path."""
@@ -164,21 +262,28 @@ def write_report(records: list[dict], grid, base: str, out_dir: Path, quick: boo
              f"Command: `{command or ' '.join(['python', *sys.argv])}`  ",
              f"Written {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()} with "
              f"{len({(r['arm'], r['seed']) for r in records if 'error' not in r})} finished runs.", "",
-             "Mean ± std over seeds; differences are paired by seed with a 95% Student-t interval; "
-             "**better**/**worse** only where the interval excludes 0 (see "
-             "`ddpm_curriculum/experiments/report.py`). Metrics: `ddpm_curriculum/experiments/evaluate.py` "
+             "Mean ± std over seeds; differences are paired by seed with a 95% Student-t interval; " +
+             ("only the pre-registered contrasts get a verdict (Holm-corrected); "
+              if grid.contrasts else "**better**/**worse** only where the interval excludes 0 ") +
+             "(see `ddpm_curriculum/experiments/report.py`). Metrics: `ddpm_curriculum/experiments/evaluate.py` "
              "and the oracle metrics in README.md.", ""]
     failures = [r for r in records if "error" in r]
     if failures:
         lines += ["## Failed runs", ""] + [f"- {r['arm']}/seed{r['seed']}: {r['error']}" for r in failures] + [""]
+    study = bool(grid.contrasts)  # pre-registered contrasts: only those get a verdict
+    if study:
+        lines += endpoint_lines(by_point, grid, arms)
     for final in finals[-1:]:
         kimg = next(r["kimg"] for r in records if r.get("step") == final and "kimg" in r)
         lines += [f"## At the end of training (step {final}, {kimg:g} kimg)", ""]
         lines += _table_final(by_point, arms, final, key) + [""]
         lines += [f"### Differences to `{base}`", ""]
-        lines += _table_diffs(by_point, arms, base, final, key, directions) + [""]
-        lines += ["### In one sentence per metric", ""]
-        lines += summary_sentences(by_point, arms, base, final, directions) + [""]
+        if study:
+            lines += ["Exploratory estimates (95% t-intervals, no multiplicity correction, no verdict):", ""]
+        lines += _table_diffs(by_point, arms, base, final, key, directions, labels=not study) + [""]
+        if not study:
+            lines += ["### In one sentence per metric", ""]
+            lines += summary_sentences(by_point, arms, base, final, directions) + [""]
     lines += ["## Over training", ""]
     for m in present:
         lines += _table_over_training(by_point, arms, steps, m) + [""]

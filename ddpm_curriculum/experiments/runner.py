@@ -25,6 +25,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..training import builders
 from ..training.checkpoint import checkpoint_name, latest_checkpoint
+from .endpoints import drawn_per_t_bin
 from .evaluate import evaluate_checkpoint
 from .grid import GridEvalConfig, RunSpec, baseline_arm, eval_settings, expand_runs, load_grid
 
@@ -79,6 +80,9 @@ def execute_run(run: RunSpec, run_dir: Path, settings: GridEvalConfig, done_step
         train_sec = time.perf_counter() - start
         rec = {"arm": run.arm, "seed": run.seed, "step": step, "kimg": step * batch / 1000,
                "final": step == run.eval_steps[-1], "train_sec": round(train_sec, 2)}
+        counts = drawn_per_t_bin(run_dir / "metrics.jsonl", step)
+        if counts is not None:
+            rec["drawn_per_t_bin"] = counts  # exposure: training samples per bin of t so far
         rec.update(evaluate_checkpoint(ckpt, settings))
         records.append(rec)
     return records

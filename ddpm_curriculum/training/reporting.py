@@ -80,6 +80,7 @@ class MetricsLog:
         rec.update(loss=objective / count + sum(terms.values()), mse=mse / count, **terms,
                    grad_norm=gn_sum / max(steps, 1), img_per_sec=count / max(elapsed, 1e-9),
                    loss_per_t_bin=[s / c if c else None for s, c in zip(acc[5:5 + b], acc[5 + b:5 + 2 * b])],
+                   samples_per_t_bin=[int(c) for c in acc[5 + b:5 + 2 * b]],
                    steps_in_interval=int(steps / dist.world_size()))
         if self.path is not None:
             append_jsonl(self.path, rec)

@@ -265,7 +265,8 @@ class CurriculumTrainer:
 
     def _after_step(self, stage, bar) -> None:
         t = self.cfg.train
-        if self.step % t.log_intv == 0 or self.step == self.total_steps:
+        # also at --stop-at-step, so the per-t sample counts of metrics.jsonl (exposure) miss no step
+        if self.step % t.log_intv == 0 or self.step in (self.total_steps, self.stop_at_step):
             fields = {}
             for ext in self.extensions:
                 fields.update(ext.log_fields(self))
