@@ -177,6 +177,10 @@ class SparsityConfig:
                                "weights), `gradient` (the seed's name; same as `weight_gradient`), `random` "
                                "(seeded; the SET control).",
                                choices=["gate_gradient", "weight_gradient", "gradient", "random"])
+    location: str = opt("bottleneck", "Where the channel gates sit: `bottleneck` (the seeds: the middle block's "
+                        "output) or `decoder` (the input of every up block after the skip concatenation, so "
+                        "masked capacity is unused by the skip path too; models/sparse_unet.py).",
+                        choices=["bottleneck", "decoder"])
     regrow_init: str = opt("keep", "Weights of a regrown channel: `keep` (the seed: its untouched "
                            "initialisation) or `zero_out` (its fan-out into the first up block starts at zero).",
                            choices=["keep", "zero_out"])
@@ -463,6 +467,9 @@ def _validate_variants(cfg: Config) -> None:
                         "to true or use pacing 'fixed'")
     if cfg.sparsity.enabled:
         stage_active_channels(cfg)  # raises on a bad schedule
+        if cfg.sparsity.location == "decoder" and cfg.sparsity.regrowth_method in ("weight_gradient", "gradient"):
+            raise UserError(f"'sparsity.regrowth_method' = '{cfg.sparsity.regrowth_method}' reads the bottleneck's "
+                            f"weights; with 'sparsity.location' = 'decoder' use gate_gradient or random")
     if cfg.regularization.enabled:
         stage_lambdas(cfg)
 

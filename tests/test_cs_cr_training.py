@@ -80,8 +80,8 @@ def record_accumulation(monkeypatch):
         if probe is not None and not hasattr(probe, "spied"):
             collect, probe.spied = probe.collect, True
 
-            def spy():
-                part = collect()
+            def spy(*size):
+                part = collect(*size)
                 seen.append(("gate", trainer.step, part.double().clone()))
                 return part
             probe.collect = spy
@@ -244,3 +244,33 @@ def test_two_gloo_ranks_regrow_the_same_channels_as_one_process(tmp_path):
     # each score covers both ranks' halves of the batch: world-size independent up to float rounding
     assert r0["scores"].shape == (2, 64) and bool((r0["scores"][0, 16:] > 0).all())
     torch.testing.assert_close(r0["scores"], torch.stack(scores), rtol=1e-3, atol=0)
+
+
+def test_decoder_location_keeps_reserved_entries_bit_identical_and_regrows_every_block(tmp_path):
+    cfg = cs_cfg("sparsity.location=decoder", "model.drop_rate=0.0", stage_steps=15, steps=40)
+    trainer = CurriculumTrainer(cfg, tmp_path, CPU, progress=False, stop_at_step=30)
+    init = copy.deepcopy(trainer.model.state_dict())
+    trainer.train()
+    model = trainer.model
+    masked = model.channel_mask == 0
+    # every up block's input keeps its own share active: 50% in stage 'mid'
+    for where in model.segment_slices():
+        assert int((~masked[where]).sum()) == (where.stop - where.start) // 2
+    names = {id(p): n for n, p in model.named_parameters()}
+    ema = dict(trainer.ema.model.named_parameters())
+    for param, entries in model.reserved_entries(masked):
+        name, entries = names[id(param)], entries.expand_as(param)
+        assert torch.equal(param[entries], init[name][entries]), f"{name}: reserved entries moved"
+        assert torch.equal(ema[name][entries], init[name][entries]), f"{name}: EMA drifted"
+        assert not torch.equal(param[~entries], init[name][~entries]), f"{name}: active entries must train"
+    recs = transitions(tmp_path)
+    assert recs[1]["active_channels"] == int((~masked).sum()) == model.gated_channels // 2
+    born = (model.channel_birth_stage == 1).nonzero().flatten().tolist()
+    assert born == recs[1]["regrown"] and len(born) == model.gated_channels // 4
+
+
+def test_decoder_location_refuses_the_weight_gradient_criterion():
+    from ddpm_curriculum.errors import UserError
+
+    with pytest.raises(UserError, match="use gate_gradient or random"):
+        cs_cfg("sparsity.location=decoder", "sparsity.regrowth_method=weight_gradient")

@@ -17,7 +17,7 @@ from tests.test_training import ROOT, script
 
 CONFIGS = sorted((ROOT / "configs").glob("*.json"))
 SEED_CS = ROOT / "tests" / "fixtures" / "seed001_celeba32_cs.json"
-FAMILY = ["baseline", "c", "cs", "cr", "anti", "minsnr", "p2", "matched", "cs_random"]
+FAMILY = ["baseline", "c", "cs", "cr", "anti", "minsnr", "p2", "matched", "cs_random", "cs_decoder"]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -27,7 +27,8 @@ def test_every_config_dry_runs_and_prints_its_plan(path, capsys):
     cfg = load_config(path)
     assert f"mode: {cfg.mode}" in out
     if cfg.mode == "CS":
-        assert out.count("bottleneck channels") == len(cfg.curriculum.stages)
+        what = {"bottleneck": "bottleneck channels", "decoder": "decoder input channels"}[cfg.sparsity.location]
+        assert out.count(what) == len(cfg.curriculum.stages)
     if cfg.mode == "CR":
         assert out.count("λ = ") == len(cfg.curriculum.stages)
 
@@ -48,6 +49,7 @@ def test_required_configs_exist_and_the_twoscale_family_shares_one_budget():
         == family["cr"]["curriculum"]["stages"] == family["matched"]["curriculum"]["stages"]
     assert [s["t_max"] for s in family["anti"]["curriculum"]["stages"]] == [0.2, 0.4, 0.6, 0.8, 1.0]
     assert family["cs_random"]["sparsity"]["regrowth_method"] == "random"
+    assert family["cs_decoder"]["sparsity"] == {**family["cs"]["sparsity"], "location": "decoder"}
 
 
 SHRINK = ["model.hid_channels=32", "model.num_res_blocks=1", "model.norm_groups=16", "train.batch_size=3",

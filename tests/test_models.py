@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm_curriculum.errors import UserError
-from ddpm_curriculum.models import MODELS, SparseUNet, UNet, build_model, count_parameters, timestep_embedding
+from ddpm_curriculum.models import (MODELS, DecoderSparseUNet, SparseUNet, UNet, build_model, count_parameters,
+                                    timestep_embedding)
 from ddpm_curriculum.models.convert import to_diffusers_state
 from ddpm_curriculum.models.unet import (ZERO_INIT_SCALE, AttentionBlock, MiddleBlock, ResAttnBlock,
                                          ResidualBlock, SamePad2d, tf_same_pad)
@@ -354,11 +355,14 @@ def test_matches_diffusers_unet2d_with_same_layout():
 
 
 def test_registry_builds_unet():
-    assert MODELS == {"unet": UNet, "sparse_unet": SparseUNet}
+    assert MODELS == {"unet": UNet, "sparse_unet": SparseUNet, "decoder_sparse_unet": DecoderSparseUNet}
     model = build_model("unet", hid_channels=32, ch_multipliers=(1, 2), apply_attn=(False, True))
     assert isinstance(model, UNet)
     sparse = build_model("sparse_unet", hid_channels=32, ch_multipliers=(1, 2), apply_attn=(False, True))
     assert isinstance(sparse, SparseUNet) and sparse.channel_mask.shape == (64,)
+    decoder = build_model("decoder_sparse_unet", hid_channels=32, ch_multipliers=(1, 2), apply_attn=(False, True))
+    # up blocks (deepest first, 2 per level): cat(64, 64), cat(64, 64), cat(64, 32), cat(64, 32), cat(32, 32), cat(32, 32)
+    assert decoder.gate_segments == [128, 128, 96, 96, 64, 64] and decoder.channel_mask.shape == (576,)
     assert count_parameters(nn.Linear(3, 2)) == 8
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from ddpm_curriculum.config import config_from_dict
 from ddpm_curriculum.diffusion import GaussianDiffusion, make_betas
 from ddpm_curriculum.errors import UserError
-from ddpm_curriculum.models import GateProbe, SparseUNet, UNet
+from ddpm_curriculum.models import DecoderSparseUNet, GateProbe, SparseUNet, UNet
 from ddpm_curriculum.sparsity.channel_mask import select_channels
 from ddpm_curriculum.sparsity.group_l1 import (conv_groups, group_l1, norm_scale_groups, prox_group_l1_,
                                                structured_sparsity)
@@ -234,3 +234,95 @@ def test_structured_sparsity_counts_groups_below_the_relative_threshold():
     assert report["layers"]["z"]["share"] == 1.0
     assert report["total_share"] == pytest.approx(4 / 9) and report["groups"] == 9
     assert report["layers"]["a"]["norms"] == pytest.approx([10.0, 0.05, 2.0, 0.0])
+
+
+# ------------------------------------------------------------------------------ DecoderSparseUNet
+
+
+def decoder(seed: int = 0) -> DecoderSparseUNet:
+    """Random weights; about half of every up block's inputs masked, chosen at random (h and skip channels)."""
+    torch.manual_seed(seed)
+    model = randomize(DecoderSparseUNet(**KW), seed)
+    g = torch.Generator().manual_seed(seed)
+    model.channel_mask.copy_((torch.rand(model.gated_channels, generator=g) < 0.5).float())
+    return model
+
+
+def test_dense_decoder_sparse_unet_is_the_unet():
+    torch.manual_seed(0)
+    unet = randomize(UNet(**KW))
+    model = DecoderSparseUNet(**KW)
+    model.load_state_dict({**unet.state_dict(), "channel_mask": model.channel_mask,
+                           "channel_birth_stage": model.channel_birth_stage})
+    x, t, _ = batch()
+    assert torch.equal(model(x, t), unet(x, t))
+    assert len(model.gate_segments) == 4 and model.gated_channels == sum(b.norm1.num_channels
+                                                                          for b in model.gated_blocks)
+
+
+def test_decoder_reserved_entries_get_zero_gradient_and_do_not_affect_the_output():
+    model = decoder()
+    masked = model.channel_mask == 0
+    x0, t, noise = batch()
+    diffusion().training_losses(model, x0, t, noise).mean().backward()
+    reserved = model.reserved_entries(masked)
+    assert len(reserved) == 4 * len(model.gated_blocks)
+    for param, entries in reserved:
+        entries = entries.expand_as(param)
+        assert entries.any() and torch.all(param.grad[entries] == 0), "a reserved entry got a gradient"
+        assert param.grad[~entries].abs().sum() > 0, "the active inputs' entries must train"
+    x_t = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x_t, t)
+        for param, entries in reserved:
+            entries = entries.expand_as(param)
+            param[entries] = torch.randn(int(entries.sum())) * 10
+        assert torch.equal(model(x_t, t), before)
+        model.channel_mask.fill_(1.0)
+        assert not torch.allclose(model(x_t, t), before)
+
+
+@pytest.mark.parametrize("which", ["masked", "active"])
+def test_decoder_gates_cut_the_skip_path_too(which):
+    """Noise added to the masked inputs of every up block (encoder skips and the up path alike), before the
+    gates, changes nothing; noise on active inputs does."""
+    model = decoder().eval()
+    x, t, _ = batch()
+    with torch.no_grad():
+        before = model(x, t)
+    flags = model.channel_mask == (0 if which == "masked" else 1)
+
+    def perturb(where):
+        def hook(module, inputs):
+            x_in, *rest = inputs
+            return (x_in + 5 * torch.randn_like(x_in) * flags[where].view(1, -1, 1, 1), *rest)
+        return hook
+
+    handles = [b.register_forward_pre_hook(perturb(w), prepend=True)
+               for b, w in zip(model.gated_blocks, model.segment_slices())]
+    with torch.no_grad():
+        after = model(x, t)
+    for h in handles:
+        h.remove()
+    assert torch.equal(after, before) == (which == "masked")
+
+
+def test_decoder_gate_probe_equals_per_sample_autograd_of_the_tied_gates():
+    model = decoder().train()
+    model.drop_rate = 0.0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    x0, t, noise = batch(n=3)
+    diff = diffusion()
+    model.gate_probe = GateProbe()
+    diff.training_losses(model, x0, t, noise).mean().backward()
+    got = model.gate_probe.collect(model.gated_channels)
+    model.gate_probe = None
+    leaf = model.channel_mask.clone().requires_grad_(True)
+    model.channel_mask = leaf
+    want = torch.zeros_like(leaf)
+    for i in range(3):
+        li = diff.training_losses(model, x0[i:i + 1], t[i:i + 1], noise[i:i + 1]).mean() / 3
+        want += torch.autograd.grad(li, leaf)[0].abs()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)

@@ -11,12 +11,16 @@ import inspect
 from torch import nn
 
 from ..errors import UserError
-from .sparse_unet import GateProbe, SparseUNet
+from .sparse_unet import GATED_NETWORKS, DecoderSparseUNet, GateProbe, SparseUNet
 from .unet import AttentionBlock, ResidualBlock, UNet, timestep_embedding
 
-MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "sparse_unet": SparseUNet}
+MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "sparse_unet": SparseUNet,
+                                      "decoder_sparse_unet": DecoderSparseUNet}
+# sparsity.location → the registered name of mode CS's gated network
+GATED_MODEL_NAMES = {loc: next(n for n, c in MODELS.items() if c is cls) for loc, cls in GATED_NETWORKS.items()}
 
-__all__ = ["MODELS", "build_model", "count_parameters", "UNet", "SparseUNet", "GateProbe", "ResidualBlock",
+__all__ = ["MODELS", "GATED_MODEL_NAMES", "build_model", "count_parameters", "UNet", "SparseUNet",
+           "DecoderSparseUNet", "GateProbe", "ResidualBlock",
            "AttentionBlock", "timestep_embedding"]
 
 

@@ -22,6 +22,17 @@ for the other channels' sake; so a regrown channel starts carrying x_c, not a bl
 channel still sits in its GroupNorm group in ``norm1``, so it shifts that group's mean and variance (a
 constant effect with no parameters). Skip connections bypass the bottleneck altogether (REFERENCE §3).
 
+**Decoder location** (``DecoderSparseUNet``, ``sparsity.location: decoder``). The bottleneck gate leaves the
+skip connections free: with every bottleneck channel of a trained baseline closed, 51–65% of its low-t
+template recovery survives through the skips (issue 10). ``DecoderSparseUNet`` instead gates the input of
+*every* up block after the skip concatenation, cat(h, skip) → m·cat(h, skip), once on the block input (read by
+``norm1`` and the 1×1 ``skip``) and once at ``conv1``'s input (after ``norm1`` and SiLU, for the same GroupNorm
+reason as above). ``channel_mask`` is then the concatenation of one segment per up block (``gate_segments``,
+in forward order). A masked input channel is unused by both the residual and the skip path of its block; the
+reserved entries of input c of block j are ``norm1.weight[c]``, ``norm1.bias[c]``, ``conv1.weight[:, c]`` and
+``skip.weight[:, c]``. Their producers (an encoder activation or the previous up block's output) also feed
+other layers, so they are not reserved.
+
 **The gate-gradient signal.** With a ``GateProbe`` attached (``gate_probe``), every training forward
 records, for each sample i, s_ic = Σ_{gates, space} ∂L/∂(m_c·x_c)·x_c, i.e. the sample's share of
 ∂L/∂m_c for the tied gate m_c (Taylor importance, Molchanov et al. 2017): it is non-zero for masked
@@ -30,59 +41,101 @@ channels, whose producing weights get no gradient at all.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
 from torch import nn
 
-from .unet import ResAttnBlock, ResidualBlock, UNet
+from .unet import ResAttnBlock, ResidualBlock, TimestepBlock, UNet
 
 
 class GateProbe:
     """Per-sample first-order gate signals of the current step, filled during backward.
 
-    ``begin()`` opens a record for one forward pass; both gates of that pass add their [B, C] signed parts
-    to it in backward. ``collect()`` returns Σ_i |s_ic| over all records as [C] and clears them: the
-    absolute value is taken per sample, after the two gates' parts are summed (see ``ChannelSparsity``).
+    ``begin()`` opens a record for one forward pass; the gates of that pass add their [B, width] signed parts
+    at their channel ``offset``. ``collect(size)`` returns Σ_i |s_ic| over all records as [size] and clears
+    them: the absolute value is taken per sample, after the parts of the gates tied to one channel (same
+    record and offset) are summed (see ``ChannelSparsity``).
     """
 
     def __init__(self):
-        self._parts: dict[int, torch.Tensor] = {}
+        self._parts: dict[tuple[int, int], torch.Tensor] = {}
         self._calls = 0
 
     def begin(self) -> int:
         self._calls += 1
         return self._calls
 
-    def add(self, record: int, part: torch.Tensor) -> None:
-        self._parts[record] = part if record not in self._parts else self._parts[record] + part
+    def add(self, record: int, part: torch.Tensor, offset: int = 0) -> None:
+        key = (record, offset)
+        self._parts[key] = part if key not in self._parts else self._parts[key] + part
 
-    def collect(self) -> torch.Tensor | None:
+    def collect(self, size: int | None = None) -> torch.Tensor | None:
         if not self._parts:
             return None
-        total = sum(p.abs().sum(0) for p in self._parts.values())
+        size = size or max(offset + p.shape[1] for (_, offset), p in self._parts.items())
+        total = next(iter(self._parts.values())).new_zeros(size)
+        for (_, offset), part in self._parts.items():
+            total[offset:offset + part.shape[1]] += part.abs().sum(0)
         self._parts.clear()
         return total
 
 
 class _RecordingGate(torch.autograd.Function):
-    """y = x·m (m broadcast over [B, :, H, W]); backward also records Σ_space ∂L/∂y·x of the first C channels."""
+    """y = x·m (m broadcast over [B, :, H, W]); backward also records Σ_space ∂L/∂y·x of the first ``width``
+    channels at channel ``offset`` of the probe."""
 
     @staticmethod
-    def forward(ctx, x, mask, probe, record, channels):
+    def forward(ctx, x, mask, probe, record, width, offset):
         ctx.save_for_backward(x, mask)
-        ctx.probe, ctx.record, ctx.channels = probe, record, channels
+        ctx.probe, ctx.record, ctx.width, ctx.offset = probe, record, width, offset
         return x * mask.view(1, -1, 1, 1)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, mask = ctx.saved_tensors
-        c = ctx.channels
-        ctx.probe.add(ctx.record, (grad_y[:, :c] * x[:, :c]).sum(dim=(2, 3)).float())
-        return grad_y * mask.view(1, -1, 1, 1), None, None, None, None
+        w = ctx.width
+        ctx.probe.add(ctx.record, (grad_y[:, :w] * x[:, :w]).sum(dim=(2, 3)).float(), ctx.offset)
+        return grad_y * mask.view(1, -1, 1, 1), None, None, None, None, None
 
 
-class SparseUNet(UNet):
+def _residual(block) -> ResidualBlock:
+    return block[0] if isinstance(block, ResAttnBlock) else block
+
+
+class _GatedUNet(UNet):
+    """UNet + one binary gate per channel of ``gate_segments`` (buffers ``channel_mask`` [C], 1 = active, and
+    ``channel_birth_stage`` [C], long: the stage in which the channel became active, 0 for the initial ones,
+    −1 while masked). With an all-ones mask it computes exactly what ``UNet`` computes."""
+
+    def _init_gates(self, segments: list[int]) -> None:
+        self.gate_segments = list(segments)
+        self.gated_channels = sum(segments)
+        self.register_buffer("channel_mask", torch.ones(self.gated_channels))
+        self.register_buffer("channel_birth_stage", torch.zeros(self.gated_channels, dtype=torch.long))
+        self.gate_probe: GateProbe | None = None
+        self._record = 0
+
+    def segment_slices(self) -> list[slice]:
+        out, start = [], 0
+        for size in self.gate_segments:
+            out.append(slice(start, start + size))
+            start += size
+        return out
+
+    def _begin_record(self) -> None:
+        if self.gate_probe is not None:
+            self._record = self.gate_probe.begin()
+
+    def _gate(self, x: torch.Tensor, mask: torch.Tensor, width: int, offset: int) -> torch.Tensor:
+        probe = self.gate_probe
+        if probe is not None and torch.is_grad_enabled() and x.requires_grad:
+            return _RecordingGate.apply(x, mask, probe, self._record, width, offset)
+        return x * mask.view(1, -1, 1, 1)
+
+
+class SparseUNet(_GatedUNet):
     """UNet + bottleneck channel gate (see the module docstring). Same arguments and state-dict keys as
     ``UNet`` plus buffers ``channel_mask`` [C] (1 = active) and ``channel_birth_stage`` [C] (long: the stage
     index in which the channel became active, 0 for the initial ones, −1 while masked). With an all-ones
@@ -90,41 +143,29 @@ class SparseUNet(UNet):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        c = self.bottleneck_channels
-        self.register_buffer("channel_mask", torch.ones(c))
-        self.register_buffer("channel_birth_stage", torch.zeros(c, dtype=torch.long))
+        self._init_gates([self.bottleneck_channels])
         consumer = self.consumer_block
         if not isinstance(consumer.skip, nn.Conv2d):  # it concatenates a skip, so in_ch != out_ch always
             raise ValueError("the first up block must have a 1x1 skip conv")
-        self.gate_probe: GateProbe | None = None
-        self._record = 0
         self.middle.register_forward_hook(self._gate_bottleneck)
         consumer.conv1.register_forward_pre_hook(self._gate_consumer)
 
     @property
     def consumer_block(self) -> ResidualBlock:
         """The residual block that first reads the bottleneck: block 0 of the deepest up level."""
-        block = self.upsamples[f"level_{self.levels - 1}"][0]
-        return block[0] if isinstance(block, ResAttnBlock) else block
+        return _residual(self.upsamples[f"level_{self.levels - 1}"][0])
 
     # ----- the two gates -----
 
-    def _gate(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        probe = self.gate_probe
-        if probe is not None and torch.is_grad_enabled() and x.requires_grad:
-            return _RecordingGate.apply(x, mask, probe, self._record, self.bottleneck_channels)
-        return x * mask.view(1, -1, 1, 1)
-
     def _gate_bottleneck(self, module, inputs, h):
-        if self.gate_probe is not None:
-            self._record = self.gate_probe.begin()
-        return self._gate(h, self.channel_mask.to(h.dtype))
+        self._begin_record()
+        return self._gate(h, self.channel_mask.to(h.dtype), self.bottleneck_channels, 0)
 
     def _gate_consumer(self, module, inputs):
         (x,) = inputs
         extra = x.shape[1] - self.bottleneck_channels  # the concatenated skip activation's channels
         mask = torch.cat([self.channel_mask.to(x.dtype), x.new_ones(extra)])
-        return (self._gate(x, mask),)
+        return (self._gate(x, mask, self.bottleneck_channels, 0),)
 
     # ----- what belongs to a channel -----
 
@@ -149,5 +190,48 @@ class SparseUNet(UNet):
         return torch.cat([channels, channels.new_zeros(extra)])
 
 
+class DecoderSparseUNet(_GatedUNet):
+    """UNet + a gate on the input of every up block, after the skip concatenation (module docstring,
+    "Decoder location"). Same arguments and state-dict keys as ``UNet`` plus the two gate buffers."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gated_blocks = [_residual(layer) for i in reversed(range(self.levels))
+                             for layer in self.upsamples[f"level_{i}"] if isinstance(layer, TimestepBlock)]
+        if not all(isinstance(b.skip, nn.Conv2d) for b in self.gated_blocks):
+            raise ValueError("every up block must have a 1x1 skip conv (input and output widths differ)")
+        self._init_gates([b.norm1.num_channels for b in self.gated_blocks])
+        # bound methods (and partials of them), not closures: deepcopy (the EMA copy) rebinds them
+        self.register_forward_pre_hook(self._start_forward)
+        for block, where in zip(self.gated_blocks, self.segment_slices()):
+            block.register_forward_pre_hook(functools.partial(self._gate_input, where))
+            block.conv1.register_forward_pre_hook(functools.partial(self._gate_input, where))
+
+    def _start_forward(self, module, inputs):
+        self._begin_record()
+
+    def _gate_input(self, where: slice, module, inputs):
+        x, *rest = inputs
+        return (self._gate(x, self.channel_mask[where].to(x.dtype), x.shape[1], where.start), *rest)
+
+    def reserved_entries(self, channels: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(parameter, bool mask of its entries) of every up block's entries that read only flagged inputs."""
+        channels = channels.to(device=self.channel_mask.device, dtype=torch.bool)
+        out = []
+        for block, where in zip(self.gated_blocks, self.segment_slices()):
+            sel = channels[where]
+            out += [(block.norm1.weight, sel), (block.norm1.bias, sel), (block.conv1.weight, sel.view(1, -1, 1, 1)),
+                    (block.skip.weight, sel.view(1, -1, 1, 1))]
+        return out
+
+    def fan_out_entries(self, channels: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """The weights that read the flagged inputs (zeroed by ``regrow_init: zero_out``)."""
+        return [(p, e) for p, e in self.reserved_entries(channels) if p.dim() == 4]
+
+
+# Where mode CS puts its gates (``sparsity.location``) → the network class.
+GATED_NETWORKS = {"bottleneck": SparseUNet, "decoder": DecoderSparseUNet}
+
 # build_model() checks keyword arguments against the constructor's signature: expose UNet's.
-SparseUNet.__signature__ = inspect.signature(UNet)
+for _cls in GATED_NETWORKS.values():
+    _cls.__signature__ = inspect.signature(UNet)

@@ -28,6 +28,13 @@ def make_group_l1(cfg, model):
 
 def stage_notes(cfg) -> list[str]:
     """One note per curriculum stage for the dry-run plan: active channels (CS) or λ (CR); empty otherwise."""
+    if cfg.sparsity.enabled and cfg.sparsity.location == "decoder":
+        from ..training.builders import make_model
+
+        segments = make_model(cfg).gate_segments
+        per_stage = zip(*[stage_active_channels(cfg, c) for c in segments])
+        return [f"active {sum(k)}/{sum(segments)} decoder input channels ({len(segments)} up blocks)"
+                for k in per_stage]
     if cfg.sparsity.enabled:
         channels = cfg.model.ch_multipliers[-1] * cfg.model.hid_channels
         return [f"active {k}/{channels} bottleneck channels" for k in stage_active_channels(cfg)]

@@ -46,8 +46,8 @@ class GateGradient:
     uses_probe, resets = True, True
 
     def accumulate(self, ext: "ChannelSparsity", trainer) -> None:
-        part = ext.model.gate_probe.collect()
-        c = ext.model.bottleneck_channels
+        c = ext.model.gated_channels
+        part = ext.model.gate_probe.collect(c)
         part = torch.zeros(c, device=ext.scores.device) if part is None else part.to(ext.scores.device)
         # Each rank's autograd gradients are of its local mean loss: ×1/world gives the global mean's share.
         scale = trainer.world * (trainer.scaler.get_scale() if trainer.scaler.is_enabled() else 1.0)
@@ -81,7 +81,7 @@ class RandomRegrowth:
 
     def scores(self, ext: "ChannelSparsity", trainer, stage) -> torch.Tensor:
         g = torch.Generator().manual_seed(mix_seed(trainer.cfg.train.seed, stage.index, 0x5E7))
-        return torch.rand(ext.model.bottleneck_channels, generator=g, dtype=torch.float64)
+        return torch.rand(ext.model.gated_channels, generator=g, dtype=torch.float64)
 
 
 REGROWTH = {"gate_gradient": GateGradient, "weight_gradient": WeightGradient, "gradient": WeightGradient,
@@ -106,10 +106,11 @@ class ChannelSparsity(TrainingExtension):
     def __init__(self, cfg, model: SparseUNet):
         sp = cfg.sparsity
         self.model = model
-        self.counts = stage_active_channels(cfg)
+        # counts[j][k]: active channels of gate segment j (the bottleneck, or one up block's input) in stage k
+        self.counts = [stage_active_channels(cfg, c) for c in model.gate_segments]
         self.criterion = REGROWTH[sp.regrowth_method]()
-        self.method, self.regrow_init = sp.regrowth_method, sp.regrow_init
-        self.scores = torch.zeros(model.bottleneck_channels, dtype=torch.float64, device=model.channel_mask.device)
+        self.method, self.regrow_init, self.location = sp.regrowth_method, sp.regrow_init, sp.location
+        self.scores = torch.zeros(model.gated_channels, dtype=torch.float64, device=model.channel_mask.device)
         self.frozen = FrozenEntries()
 
     # ----- hooks -----
@@ -143,18 +144,23 @@ class ChannelSparsity(TrainingExtension):
     # ----- mask changes -----
 
     def _initial_mask(self) -> None:
+        """The leading ``counts[j][0]`` channels of every segment j."""
         m = self.model
-        active = torch.arange(m.bottleneck_channels, device=m.channel_mask.device) < self.counts[0]
+        active = torch.zeros(m.gated_channels, dtype=torch.bool, device=m.channel_mask.device)
+        for where, counts in zip(m.segment_slices(), self.counts):
+            active[where.start:where.start + counts[0]] = True
         m.channel_mask.copy_(active.float())
         m.channel_birth_stage.copy_(torch.where(active, 0, -1))
 
     def _regrow(self, trainer, stage) -> None:
         m = self.model
         masked = m.channel_mask == 0
-        count = self.counts[stage.index] - int((~masked).sum())
-        chosen = []
-        if count > 0:
-            chosen = select_channels(self.criterion.scores(self, trainer, stage), masked, count)
+        scores, chosen = None, []
+        for where, counts in zip(m.segment_slices(), self.counts):  # each segment regrows its own channels
+            count = counts[stage.index] - int((~masked[where]).sum())
+            if count > 0:
+                scores = self.criterion.scores(self, trainer, stage) if scores is None else scores
+                chosen += [where.start + i for i in select_channels(scores[where], masked[where], count)]
         chosen = dist.broadcast_object(chosen)  # one decision for all ranks
         before = probe_loss(trainer)
         idx = torch.tensor(chosen, dtype=torch.long, device=m.channel_mask.device)
@@ -169,7 +175,7 @@ class ChannelSparsity(TrainingExtension):
 
     @torch.no_grad()
     def _zero_fan_out(self, trainer, idx: torch.Tensor) -> None:
-        flags = torch.zeros(self.model.bottleneck_channels, dtype=torch.bool, device=idx.device)
+        flags = torch.zeros(self.model.gated_channels, dtype=torch.bool, device=idx.device)
         flags[idx] = True
         models = [self.model] + ([trainer.ema.model] if trainer.ema is not None else [])
         for net in models:  # the EMA's reserved entries equal the model's, so both start from zero
@@ -186,10 +192,11 @@ class ChannelSparsity(TrainingExtension):
                 self.frozen.freeze(param, entries)
 
     def _transition_log(self, trainer, stage, chosen, before, after) -> None:
-        active, c = int(self.model.channel_mask.sum()), self.model.bottleneck_channels
+        active, c = int(self.model.channel_mask.sum()), self.model.gated_channels
         if stage.index == 0:
             chosen = torch.nonzero(self.model.channel_mask).flatten().tolist()
-            dist.print0(f"CS: stage '{stage.name}' starts with {active}/{c} bottleneck channels")
+            what = "bottleneck channels" if self.location == "bottleneck" else "decoder input channels"
+            dist.print0(f"CS: stage '{stage.name}' starts with {active}/{c} {what}")
         else:
             dist.print0(f"CS: regrowth at step {trainer.step} ('{stage.name}', {self.method}, {self.regrow_init}): "
                         f"{active - len(chosen)} → {active}/{c} channels; probe loss {before:.5f} → {after:.5f}")

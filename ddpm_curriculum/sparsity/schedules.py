@@ -69,11 +69,12 @@ def active_channels(channels: int, sparsities: list[float]) -> list[int]:
     return counts
 
 
-def stage_active_channels(cfg) -> list[int]:
-    """Mode CS: active bottleneck channels per curriculum stage of ``cfg`` (a Config)."""
+def stage_active_channels(cfg, channels: int | None = None) -> list[int]:
+    """Mode CS: active channels per curriculum stage of ``cfg`` (a Config) among ``channels`` gated ones
+    (default: the bottleneck's width; the decoder location applies it to each up block's input)."""
     sp, m = cfg.sparsity, cfg.model
     sparsities = stage_values(sp.schedule, sp.initial_sparsity, len(cfg.curriculum.stages), sp.per_stage, "sparsity")
-    return active_channels(m.ch_multipliers[-1] * m.hid_channels, sparsities)
+    return active_channels(channels or m.ch_multipliers[-1] * m.hid_channels, sparsities)
 
 
 def stage_lambdas(cfg) -> list[float]:

@@ -9,7 +9,7 @@ from ..config import Config, DatasetConfig
 from ..data import build_dataset, dataset_image_shape
 from ..diffusion import CurriculumDiffusion, make_betas, make_loss_weights, matched_histogram
 from ..errors import UserError
-from ..models import build_model
+from ..models import GATED_MODEL_NAMES, build_model
 
 
 def twoscale_kwargs(d: DatasetConfig) -> dict:
@@ -50,7 +50,7 @@ def make_model(cfg: Config) -> nn.Module:
         raise UserError(f"image size {h}x{w} is not divisible by {factor} "
                         f"({len(m.ch_multipliers)} UNet levels); change dataset.image_size or model.ch_multipliers")
     # Mode CS needs the gated network; with an all-ones mask it computes exactly what "unet" computes.
-    name = "sparse_unet" if cfg.sparsity.enabled else m.name
+    name = GATED_MODEL_NAMES[cfg.sparsity.location] if cfg.sparsity.enabled else m.name
     return build_model(name, in_channels=m.in_channels, hid_channels=m.hid_channels,
                        ch_multipliers=tuple(m.ch_multipliers), num_res_blocks=m.num_res_blocks,
                        apply_attn=tuple(m.apply_attn), drop_rate=m.drop_rate,
