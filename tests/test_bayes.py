@@ -12,8 +12,8 @@ import torch
 from ddpm_curriculum.data.twoscale import TwoScaleDataset
 from ddpm_curriculum.diffusion import GaussianDiffusion, make_betas
 from ddpm_curriculum.diffusion.timestep_sampling import logsnr_positions
-from ddpm_curriculum.metrics.bayes import (MixtureDenoiser, bayes_denoiser, ceiling_metrics, feature_windows,
-                                           spectral_denoiser, template_knowledge_index)
+from ddpm_curriculum.metrics.bayes import (bayes_denoiser, ceiling_metrics, feature_windows, spectral_denoiser,
+                                           template_knowledge_index)
 from ddpm_curriculum.metrics.oracle import quantisation_report
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -112,8 +112,9 @@ def ceiling_metrics(diffusion, dataset, num_samples: int = 256, sample_steps: in
                     batch_size: int = 256, device="cpu") -> dict:
     """Oracle metrics of ``num_samples`` images that the exact Bayes denoiser samples through the same path as
     a trained model's evaluation (``training.reporting.sample_oracle_metrics``: DDIM with ``sample_steps``
-    steps, η = 0, ``clip_denoised``, one noise stream per image, ``to_uint8`` quantisation): the best any
-    network can score with this sampler, i.e. the ceiling row."""
+    steps, η = 0, ``clip_denoised``, one noise stream per image, ``to_uint8`` quantisation): what a perfect
+    (Bayes-optimal) denoiser scores with this sampler, i.e. the ceiling row. Not an upper bound on every
+    field: DDIM with few steps under-produces the σ0 noise, so its residual_ratio is below the data's."""
     from ..training.reporting import sample_oracle_metrics  # lazy: training imports metrics
 
     model = bayes_denoiser(dataset, diffusion).to(device)
@@ -240,7 +241,7 @@ def feature_windows(dataset, alphas_bar: np.ndarray, levels=WINDOW_LEVELS) -> di
     u = logsnr_positions(a)
     out = {}
     for which, k in ((0, dataset.k1), (1, dataset.k2)):
-        def q(t):
+        def q(t, which=which, k=k):
             p = true_class_posterior(mu1[t], mu2[t], dataset.k1, dataset.k2)[which]
             return (p - 1.0 / k) / (1.0 - 1.0 / k)
         t_hi, t_lo = (_last_at_least(q, level, len(a)) for level in levels)
