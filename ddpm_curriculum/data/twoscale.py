@@ -7,7 +7,10 @@ stage can see); P2[k, j] are textures from a high-frequency DCT subspace (the "m
 low-noise stages can resolve). All K1 + K1·K2 prototypes are mutually orthogonal (random combinations
 inside each subspace, orthonormalised by QR; the two subspaces are disjoint sets of orthonormal DCT
 basis images) and unit-RMS (mean square over the C·H·W pixels = 1). Values are not clipped: with the
-defaults |x| stays mostly inside [-1, 1].
+defaults about 10.6% of the pixels lie outside [-1, 1] and are clipped by ``to_uint8`` (saved images) and by
+DDIM's ``clip_denoised`` (``metrics.oracle.quantisation_report`` measures what that costs the oracle scores).
+There are no flips or shifts (``random_flip`` defaults to off for twoscale), so x is exactly the K1·K2-component
+Gaussian mixture above (``metrics.bayes`` builds its exact posterior).
 
 Unlike a Gaussian model x = α1·M1·z1 + α2·M2·z2 (REFERENCE §3), whose optimal denoiser is linear, this
 mixture has a non-linear optimal denoiser, and whether minor features are learned is measured directly
@@ -99,6 +102,7 @@ class TwoScaleDataset(Dataset):
         self.first_index = num_samples if split == "test" else 0
         self.alpha1, self.alpha2, self.sigma0 = float(alpha1), float(alpha2), float(sigma0)
         self.image_shape = (channels, image_size, image_size)
+        self._high = high
         rng = np.random.default_rng([seed, 0x7C0])
         p1 = _prototypes(_basis(low, image_size, channels), k1, rng)
         p2 = _prototypes(_basis(high, image_size, channels), k1 * k2, rng)
@@ -111,9 +115,48 @@ class TwoScaleDataset(Dataset):
     def __getitem__(self, i: int):
         if not 0 <= i < self.num_samples:
             raise IndexError(i)
-        g = torch.Generator().manual_seed(splitmix64((self.seed << 32) ^ (self.first_index + int(i))) >> 1)
+        return self._draw(self.first_index + int(i))
+
+    def _draw(self, index: int):
+        """Sample ``index`` of the stream (train split: 0 … num_samples−1, test split: from num_samples)."""
+        g = torch.Generator().manual_seed(splitmix64((self.seed << 32) ^ index) >> 1)
         label = int(torch.randint(self.k1 * self.k2, (1,), generator=g))
         k, j = divmod(label, self.k2)
         eps = torch.randn(self.image_shape, generator=g)
         x = self.alpha1 * self.prototypes_major[k] + self.alpha2 * self.prototypes_minor[k, j] + self.sigma0 * eps
         return x, label
+
+    def held_out(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The test split's first ``n`` images and labels (never in training, whichever split this is):
+        x [n, C, H, W] float32, labels [n] long (k·K2 + j)."""
+        xs, labels = zip(*(self._draw(self.num_samples + i) for i in range(n)))
+        return torch.stack(xs), torch.tensor(labels)
+
+    def minor_subspace(self) -> np.ndarray:
+        """Orthonormal rows [m, D] (float64) spanning the minor feature subspace: the m = (#high-frequency DCT
+        pairs)·C basis images every P2[k, j] is a combination of (D = C·H·W; m = 360 for 16×16×3)."""
+        c, size = self.image_shape[0], self.image_shape[1]
+        return _basis(self._high, size, c).reshape(-1, c * size * size)
+
+    def decoy_minor_prototypes(self) -> torch.Tensor | None:
+        """K1·K2 decoys [K1, K2, C, H, W] (float32, unit RMS, mutually orthogonal) in the minor feature
+        subspace and orthogonal to every true prototype; None when the subspace has no room (m < 2·K1·K2).
+
+        The span of the true P2 is exactly K1·K2-dimensional (it is the P2 themselves), so the decoys live in
+        the minor *feature* subspace (``minor_subspace``: the high-frequency DCT images the P2 are drawn from),
+        made like the P2 (random combinations, orthonormalised by QR) and then orthogonalised against the P2.
+        A fixed function of ``seed``. They look like minor features to every statistic except the templates.
+        """
+        basis = self.minor_subspace()  # [m, D]
+        m, count = len(basis), self.k1 * self.k2
+        if m < 2 * count:
+            return None
+        d = basis.shape[1]
+        true = basis @ self.prototypes_minor.double().reshape(count, d).numpy().T  # coordinates [m, K1K2]
+        q_true, _ = np.linalg.qr(true)
+        g = np.random.default_rng([self.seed, 0xDEC0]).standard_normal((m, count))
+        for _ in range(2):  # twice: orthogonal to float64 precision, not just to the first pass's
+            g = g - q_true @ (q_true.T @ g)
+            g, _ = np.linalg.qr(g)
+        decoys = (g.T @ basis) * math.sqrt(d)  # unit RMS
+        return torch.from_numpy(decoys).float().view(self.k1, self.k2, *self.image_shape)

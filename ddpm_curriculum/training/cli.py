@@ -11,6 +11,7 @@ from pathlib import Path
 from .. import dist
 from ..config import Config, config_from_dict, load_config
 from ..errors import UserError
+from ..metrics.bayes import feature_window_lines
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .plan import build_plan, curriculum_layout, total_steps
 
@@ -115,6 +116,7 @@ def describe_plan(cfg: Config) -> str:
             length = f"{s.epochs} epochs" if s.epochs is not None else f"{s.steps} steps"
             lines.append(f"  stage {i + 1} {s.name or f'stage{i + 1}'}: t in [{lo}, {hi}], {length}"
                          f"{' (runs to the end)' if i == len(stages) - 1 else ''}{'; ' + notes[i] if notes else ''}")
+    lines += feature_window_lines(cfg, diffusion)
     return "\n".join(lines)
 
 
