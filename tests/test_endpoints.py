@@ -94,6 +94,7 @@ def test_grid_with_contrasts_reports_endpoints_and_exposure(tmp_path):
     by = {(r["arm"], r["seed"], r["step"]): r for r in records}
     for (arm, seed, step), rec in by.items():
         assert sum(rec["drawn_per_t_bin"]) == 8 * step  # every drawn sample counted once, stops included
+        assert {"tki_50", "tki_mse_50"} <= set(rec) and "tki_300" not in rec  # T = 100: only t = 50 exists
     # C's first two steps draw only t >= 0.8·T, so at step 3 it has seen at most one batch of low t
     for seed in (0, 1):
         c, b = by[("C", seed, 3)]["drawn_per_t_bin"], by[("baseline", seed, 3)]["drawn_per_t_bin"]

@@ -9,6 +9,10 @@ checkpoints are differences between networks.
   and ``val_loss_high_t`` are its means over t < 0.2·T (fine detail, the curriculum's last stage) and
   t ≥ 0.8·T (the curriculum's first stage). Lower is better; it is the quantity training minimises, so it
   is the low-variance signal.
+- ``tki_<t>`` / ``tki_mse_<t>`` (twoscale): the template-knowledge index at each of ``settings.tki_t`` on the
+  first ``tki_samples`` held-out images (``metrics.bayes.template_knowledge_index``: 1 = recovers the true
+  minor template as well as the Bayes-optimal denoiser, 0 = no better than knowing only the minor power;
+  ``tki_mse`` is the error-based variant, which an untrained "ε̂ = 0" network cannot game).
 - Samples: images 0 … num_samples−1 exactly as ``generate.py --seed <eval seed>`` makes them (DDIM, η = 0,
   or ancestral), quantised like saved PNGs, scored with the twoscale oracle metrics when the dataset is
   twoscale, and with FID (eval.py's code) when the grid's ``eval.fid_ref`` names a reference.
@@ -92,6 +96,19 @@ def sample_fid(images: torch.Tensor, cfg, settings: GridEvalConfig, device) -> f
     return float(result["metrics"]["fid"])
 
 
+def template_knowledge(net, settings: GridEvalConfig, device) -> dict[str, float]:
+    """``tki_<t>`` and ``tki_mse_<t>`` of a twoscale network (see the module docstring); {} otherwise."""
+    ts = [t for t in settings.tki_t if t < net.diffusion.timesteps]
+    if net.config.dataset.name != "twoscale" or not ts:
+        return {}
+    from ..metrics.bayes import template_knowledge_index
+
+    dataset = builders.make_dataset(net.config)
+    tki = template_knowledge_index(net.model, net.diffusion, dataset, ts, settings.tki_samples, settings.seed,
+                                   device=device)
+    return {f"{key}_{t}": v[key] for t, v in tki.items() for key in ("tki", "tki_mse")}
+
+
 def evaluate_checkpoint(path: str | Path, settings: GridEvalConfig, device="cpu") -> dict:
     """Metrics of the EMA network in checkpoint ``path`` plus the time they took (``eval_sec``)."""
     start = time.perf_counter()
@@ -99,6 +116,7 @@ def evaluate_checkpoint(path: str | Path, settings: GridEvalConfig, device="cpu"
     net = load_network(path)
     net.model.to(device)
     metrics = validation_losses(net, settings, device)
+    metrics.update(template_knowledge(net, settings, device))
     metrics.update(sample_metrics(net, settings, device))
     metrics["eval_sec"] = time.perf_counter() - start
     return metrics

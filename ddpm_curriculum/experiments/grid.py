@@ -49,6 +49,9 @@ class GridEvalConfig:
     batch_size: int = opt(512, "Sampling batch size.", lo=1)
     val_samples: int = opt(1024, "Held-out training images for the validation denoising loss.", lo=1)
     seed: int = opt(1234, "Seed of the evaluation noise and the validation timesteps.", lo=0)
+    tki_t: list[int] = opt([50, 100, 300, 400, 500], "twoscale: timesteps of the template-knowledge index "
+                                                     "(metrics/bayes.py; no sampling); t >= T are skipped; [] = off.")
+    tki_samples: int = opt(256, "twoscale: held-out images of the template-knowledge index.", lo=1)
     fid_ref: str | None = opt(None, "FID reference: a statistics .npz (eval.py --save-stats, pytorch-fid), an "
                                     "image folder, or \"dataset\" (the run's training set, statistics cached); "
                                     "null = no FID.")
