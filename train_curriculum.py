@@ -1,6 +1,9 @@
 """Train a DDPM (baseline or curriculum). See README.md and `python train_curriculum.py --help`."""
 
-from ddpm_curriculum.errors import run_cli
+from ddpm_curriculum.errors import interrupt_on_signals, run_cli
+
+interrupt_on_signals()  # before the heavy imports: a stop signal at any moment gets the one-line message
+
 from ddpm_curriculum.training.cli import main
 
 if __name__ == "__main__":

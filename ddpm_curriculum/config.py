@@ -99,6 +99,10 @@ class TrainConfig:
     accum_steps: int = opt(1, "Gradient-accumulation micro-batches per optimizer step.", lo=1)
     grad_norm: float | None = opt(1.0, "Clip the global gradient norm to this; null = no clipping.",
                                   lo=0.0, lo_open=True)
+    skip_nonfinite_steps: int = opt(0, "Skip up to this many steps whose loss is NaN/inf (no update; the step "
+                                    "still counts, so data, noise and lr move on; each skip is logged), then "
+                                    "stop as with 0. The escape when a resumed run diverges at the same step "
+                                    "again: `--resume --set train.skip_nonfinite_steps=1`.", lo=0)
     epochs: int | None = opt(None, "Training length in epochs (exactly one of epochs/steps).", lo=1)
     steps: int | None = opt(None, "Training length in optimizer steps (exactly one of epochs/steps).", lo=1)
     warmup: int = opt(5000, "Linear learning-rate warm-up, in optimizer steps.", lo=0)

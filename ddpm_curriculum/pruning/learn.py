@@ -92,7 +92,7 @@ class MaskProTrainer(CurriculumTrainer):
         return torch.cat([self.diffusion.training_losses(self.model, x0[i:i + micro], t[i:i + micro],
                                                          noise[i:i + micro]) for i in range(0, x0.shape[0], micro)])
 
-    def train_step(self, images: torch.Tensor) -> tuple[float, bool]:
+    def train_step(self, images: torch.Tensor) -> tuple[float | None, bool]:
         """One MaskPro update (see the module docstring). Returns (sum of sampled-mask losses, stop?)."""
         x0, t, noise = self._draw(images, self.cfg.train.batch_size)
         g = torch.Generator(device=self.device).manual_seed(mix_seed(self.cfg.train.seed, self.step, 0x3A5C))
@@ -106,7 +106,8 @@ class MaskProTrainer(CurriculumTrainer):
                             torch.tensor(float(self._stop_requested), dtype=torch.float64, device=self.device)])
         sampled, initial, count, bad, stop = dist.all_reduce_sum(sums).tolist()
         if bad:
-            self._diverged()
+            self._skip_nonfinite_step()
+            return None, bool(stop)
         r = (sampled - initial) / count  # paired reward over the global batch: identical on every rank
         advantage = self.update.step(positions, r)
         self.learning.last = {"maskpro_r": r, "maskpro_advantage": advantage, "loss_initial_mask": initial / count}

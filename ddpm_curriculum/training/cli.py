@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import sys
 import time
@@ -47,8 +48,9 @@ def resolve(args) -> tuple[Config, dict | None]:
         raise UserError(f"nothing to resume: no checkpoint in {Path(args.run_dir) / 'checkpoints'}; "
                         f"drop --resume to start a new run")
     state = load_checkpoint(source)
-    # The checkpoint's config is the run's config; --set may change it (e.g. train longer).
+    # The checkpoint's config is the run's config; --set may change what RESUME_RULES let take effect.
     cfg = config_from_dict(state["config"], args.overrides)
+    refuse_fixed_changes(config_from_dict(state["config"]).to_dict(), cfg.to_dict())
     if args.config_path:
         given = load_config(args.config_path, args.overrides).to_dict()
         diff = _diff(cfg.to_dict(), given)
@@ -58,14 +60,59 @@ def resolve(args) -> tuple[Config, dict | None]:
     return cfg, state
 
 
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            keys += _diff(a[k], b[k], f"{prefix}{k}.")
-        elif a.get(k) != b.get(k):
-            keys.append(prefix + k)
-    return keys
+def _diff(a, b, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ (list items by index, as ``--set`` names them)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [key for k in sorted(set(a) | set(b)) for key in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and any(isinstance(x, dict) for x in a):
+        return [key for i, (x, y) in enumerate(zip(a, b)) for key in _diff(x, y, f"{prefix}{i}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+# What --set may change on --resume, as one ordered table: (dotted-key pattern, None if the new value takes
+# effect | why it cannot). The first matching pattern decides; keys matching none are fixed. The rule: what
+# is read again when training continues may change (optimisation hyper-parameters, which the trainer writes
+# back into the loaded optimizer and LR schedule; lengths, which it checks against the step reached;
+# intervals, logging, evaluation, where the data lives); what the checkpoint's weights, optimizer state,
+# step numbering or random streams were built from is refused, since the new value would be recorded but
+# not in force, or would break the exact resume.
+RESUME_RULES: list[tuple[str, str | None]] = [
+    ("train.lr", None), ("train.warmup", None), ("train.betas", None), ("train.weight_decay", None),
+    ("train.grad_norm", None), ("train.accum_steps", None), ("train.amp", None), ("train.ema_decay", None),
+    ("train.skip_nonfinite_steps", None), ("train.loss_weighting", None), ("train.min_snr_gamma", None),
+    ("train.p2_k", None), ("train.p2_gamma", None),
+    ("train.epochs", None), ("train.steps", None),
+    ("curriculum.stages.*.epochs", None), ("curriculum.stages.*.steps", None),
+    ("train.num_workers", None), ("train.log_intv", None), ("train.num_samples", None),
+    ("train.image_intv", None), ("train.chkpt_intv", None), ("train.keep_checkpoints", None),
+    ("train.sample_steps", None), ("eval.*", None),
+    ("dataset.root", None), ("dataset.download", None), ("model.channels_last", None), ("model.compile", None),
+    ("train.seed", "the data order, timesteps and noise of every step derive from it"),
+    ("train.batch_size", "the steps per epoch, the data order and the position in the epoch derive from it"),
+    ("train.optimizer", "the checkpoint's optimizer state belongs to the other optimizer"),
+    ("train.use_ema", "the checkpoint's EMA weights were kept or not from the start"),
+    ("model.*", "the checkpoint's weights have the saved architecture"),
+    ("dataset.*", "the run trains on the saved dataset"),
+    ("diffusion.*", "the network was trained for the saved diffusion process"),
+    ("curriculum.*", "the stage layout is part of the run; only stage lengths may change"),
+    ("sparsity.*", "the mode's state in the checkpoint was built with it"),
+    ("regularization.*", "the mode's state in the checkpoint was built with it"),
+    ("maskpro.*", "the mask learning state in the checkpoint was built with it"),
+]
+
+
+def resume_rule(key: str) -> str | None:
+    """None if ``key`` may change on resume, else why it cannot."""
+    return next((why for pattern, why in RESUME_RULES if fnmatch.fnmatchcase(key, pattern)),
+                "it is fixed when a run starts")
+
+
+def refuse_fixed_changes(saved: dict, new: dict) -> None:
+    """One-line UserError naming every key that ``new`` changes but RESUME_RULES keep fixed."""
+    fixed = [(key, why) for key in _diff(saved, new) if (why := resume_rule(key)) is not None]
+    if fixed:
+        raise UserError("--resume cannot change " + "; ".join(f"{k} ({why})" for k, why in fixed)
+                        + "; drop that --set, or start a new run with --config-path")
 
 
 def default_run_dir(args) -> Path:
@@ -157,14 +204,14 @@ def worker(args, cfg_dict: dict, run_dir: str, resume: bool) -> int:
             from ..pruning.learn import MaskProTrainer as trainer_cls
         state = load_checkpoint(args.resume or run_dir) if resume else None
         run_dir = Path(dist.broadcast_object(str(run_dir)))
-        if dist.is_main():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         dist.print0(f"mode {cfg.mode}, world size {dist.world_size()}, device {device}, run dir {run_dir}")
         for line in _variant_lines(cfg):
             dist.print0(line)
         trainer = trainer_cls(cfg, run_dir, device, resume_state=state,
                               stop_at_step=args.stop_at_step, progress=not args.no_progress)
+        if dist.is_main():  # after the trainer accepted the config (and the checkpoint): nothing unchecked recorded
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         if state is not None:
             dist.print0(f"resumed at step {trainer.step} (epoch {trainer.epoch}, stage '{trainer.stage.name}')")
         trainer.train()

@@ -40,7 +40,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Write the figures that apply to this run; returns their paths."""
     run_dir = Path(run_dir)
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    metrics = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]  # not the skipped-step notes
     if not metrics:
         raise UserError(f"{run_dir / 'metrics.jsonl'} is missing or empty; pass a run directory written by "
                         f"train_curriculum.py")

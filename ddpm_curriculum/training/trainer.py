@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .. import dist
-from ..config import Config
-from ..errors import UserError
+from ..config import Config, config_from_dict
+from ..errors import UserError, interrupt_note
 from . import builders
 from .checkpoint import FORMAT_VERSION, check_compatible, save_checkpoint
 from .ema import EMA
@@ -89,8 +89,12 @@ class CurriculumTrainer:
         self.stage_entered = -1  # index of the last stage whose on_stage_start hooks ran
         self.loss_terms: dict[str, torch.Tensor] = {}  # the extensions' loss terms of the last step (detached)
         self.transition: dict = {}  # the transitions.jsonl record of the current stage start
+        self.skipped_steps: list[int] = []  # steps skipped for a non-finite loss (train.skip_nonfinite_steps)
         if resume_state is not None:
             self._load_state(resume_state)
+        if stop_at_step is not None and stop_at_step <= self.step:
+            raise UserError(f"--stop-at-step {stop_at_step} is not after the current step {self.step}; nothing "
+                            f"to train (pass a larger step, or drop --stop-at-step)")
 
         self.ddp_model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None) \
             if self.world > 1 else self.model
@@ -134,6 +138,9 @@ class CurriculumTrainer:
             stopped = False
             while self.step < self.total_steps and not stopped:
                 stopped = self._train_epoch(bar)
+            if self._stop_requested and not stopped:  # the signal came after the last step's stop check
+                self._stop()
+                stopped = True
         finally:
             bar.close()
             restore()
@@ -155,7 +162,7 @@ class CurriculumTrainer:
                 self._enter_stage(stage)
             loss, stop = self.train_step(images)
             self.step += 1
-            if self.pacing.update(self.plan, self.step, loss):  # patience pacing ended the stage early
+            if loss is not None and self.pacing.update(self.plan, self.step, loss):  # patience ended the stage
                 self.plan = self.pacing.plan()
             bar.update(1)
             self._after_step(self.plan[stage.index], bar)
@@ -177,11 +184,12 @@ class CurriculumTrainer:
         if dist.is_main():
             append_jsonl(self.run_dir / "transitions.jsonl", self.transition)
 
-    def train_step(self, images: torch.Tensor) -> tuple[float, bool]:
+    def train_step(self, images: torch.Tensor) -> tuple[float | None, bool]:
         """One optimizer step on this rank's share of the global batch.
 
         Returns (mean unweighted per-sample loss over the global batch, whether any rank asked to stop).
-        Raises TrainingDiverged (after checkpointing the last good state) on a NaN/inf loss.
+        On a NaN/inf loss the step is skipped (loss None) while train.skip_nonfinite_steps allows, else
+        TrainingDiverged is raised after checkpointing the last good state.
         """
         t_cfg, G = self.cfg.train, self.cfg.train.batch_size
         x0, t, noise = self._draw(images, G)
@@ -204,7 +212,8 @@ class CurriculumTrainer:
         bad, stop, mean_loss = self._step_status(per_sample)
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
-            self._diverged()
+            self._skip_nonfinite_step()
+            return None, stop
         self.scaler.unscale_(self.optimizer)
         for ext in self.extensions:
             ext.after_backward(self)
@@ -314,10 +323,30 @@ class CurriculumTrainer:
         dist.print0(f"stopped at step {self.step}; checkpoint {path}\nresume with: python train_curriculum.py "
                     f"--run-dir {self.run_dir} --resume")
 
+    def _skip_nonfinite_step(self) -> None:
+        """A NaN/inf loss at step ``self.step + 1``: skip it while ``train.skip_nonfinite_steps`` allows (no update
+        of the weights, optimizer state or EMA; the step still counts, so the next step's batch, noise and lr
+        follow as usual), with a note on stdout and in metrics.jsonl; otherwise stop (``_diverged``)."""
+        allowed = self.cfg.train.skip_nonfinite_steps
+        if len(self.skipped_steps) >= allowed:
+            self._diverged()
+        self.skipped_steps.append(self.step + 1)
+        self.scheduler.step()  # the lr stays a function of the step
+        note = {"step": self.step + 1, "skipped": "non-finite loss", "stage": self.stage.name,
+                "skipped_so_far": len(self.skipped_steps), "skip_nonfinite_steps": allowed}
+        dist.print0(f"skipped step {self.step + 1} (stage '{self.stage.name}'): non-finite loss, no update "
+                    f"({len(self.skipped_steps)} of train.skip_nonfinite_steps={allowed})")
+        if dist.is_main():
+            append_jsonl(self.run_dir / "metrics.jsonl", note)
+
     def _diverged(self) -> None:
         path = self.save()
-        raise TrainingDiverged(f"loss became NaN/inf at step {self.step + 1} (stage '{self.stage.name}'); "
-                               f"last good state saved to {path}; lower train.lr or enable train.grad_norm")
+        resume = f"python train_curriculum.py --run-dir {self.run_dir} --resume"
+        raise TrainingDiverged(
+            f"loss became NaN/inf at step {self.step + 1} (stage '{self.stage.name}'); last good state saved to "
+            f"{path}. Resuming repeats the same step (its batch and noise are fixed by the step), so either lower "
+            f"the lr: {resume} --set train.lr={self.cfg.train.lr / 10:g}, or skip that step's batch: {resume} "
+            f"--set train.skip_nonfinite_steps={len(self.skipped_steps) + 1}")
 
     def _install_signal_handlers(self):
         """SIGINT/SIGTERM finish the current step, checkpoint and exit; a second SIGINT aborts."""
@@ -332,13 +361,21 @@ class CurriculumTrainer:
         return lambda: [signal.signal(s, h) for s, h in old.items()]
 
     def _finish(self) -> dict:
-        self.sample_grid("final")
-        self.save()
-        result = {"stopped": False, "step": self.step}
-        if dist.is_main():
-            result["eval"] = evaluate_samples(self.cfg, self.diffusion, self.sampling_model(), self.dataset,
-                                              self.device, self.run_dir / "eval.json", self.step)
-        dist.barrier()
+        """Final checkpoint, then the final grid and evaluation. A stop signal here ends the run at once
+        (errors.Interrupted) with a note on what was saved; resuming the finished run redoes what is missing."""
+        again = f"python train_curriculum.py --run-dir {self.run_dir} --resume"
+        latest = self.run_dir / "checkpoints" / "latest"
+        with interrupt_note(f"after the last step ({self.step}), while writing the final checkpoint; the newest "
+                            f"complete one is named in {latest}; finish with: {again}"):
+            path = self.save()
+        with interrupt_note(f"during the final sample grid and evaluation; training is complete and saved in "
+                            f"{path}; make the grid and eval.json with: {again}"):
+            self.sample_grid("final")
+            result = {"stopped": False, "step": self.step}
+            if dist.is_main():
+                result["eval"] = evaluate_samples(self.cfg, self.diffusion, self.sampling_model(), self.dataset,
+                                                  self.device, self.run_dir / "eval.json", self.step)
+            dist.barrier()
         return result
 
     # ------------------------------------------------------------------- checkpoints
@@ -361,6 +398,7 @@ class CurriculumTrainer:
             "stage": self.stage.index,
             "stage_entered": self.stage_entered,
             "pacing": self.pacing.state_dict(),
+            "skipped_steps": list(self.skipped_steps),
             "extensions": {ext.name: ext.state_dict() for ext in self.extensions},
             "world_size": self.world,
             "rng": dist.all_gather_object(rng),  # one entry per rank
@@ -378,6 +416,35 @@ class CurriculumTrainer:
         dist.barrier()
         return dist.broadcast_object(path)
 
+    def _apply_optimizer_config(self) -> None:
+        """Loaded optimizer/scheduler state, but the config's hyper-parameters (a resume may change them).
+
+        Loading restores the saved lr, betas and weight decay into the param groups and the saved base lr
+        into the LR schedule, so ``--set train.lr=…`` would be recorded but not used. They are set again
+        here, and the lr of the next step is the schedule (built from this config, warm-up included) at the
+        current step: the same value an uninterrupted run with this config would use.
+        """
+        t, sched = self.cfg.train, self.scheduler
+        sched.base_lrs = [t.lr] * len(self.optimizer.param_groups)
+        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group.update(lr=lr, initial_lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        sched._last_lr = lrs  # what get_last_lr() reports until the next step
+
+    def _check_resumed_lengths(self, state: dict) -> None:
+        """New lengths (train.steps/epochs, stage lengths) may not move what already happened."""
+        if self.step > self.total_steps:
+            raise UserError(f"the checkpoint is at step {self.step} but the run now lasts {self.total_steps} "
+                            f"steps; resume with train.steps/train.epochs of at least that")
+        saved_cfg = config_from_dict(state["config"])
+        saved = PACINGS[saved_cfg.curriculum.pacing](saved_cfg, self.steps_per_epoch)
+        saved.load_state_dict(state.get("pacing") or {})
+        before, after = ([(s.name, s.start_step) for s in plan if s.start_step < self.step]
+                         for plan in (saved.plan(), self.plan))
+        if before != after:
+            raise UserError(f"the new stage lengths move stages that already started (the checkpoint is at step "
+                            f"{self.step}: {before}); change only stages that start at or after step {self.step}")
+
     def _load_state(self, state: dict) -> None:
         check_compatible(self.model, state["model"], "model")
         self.model.load_state_dict(state["model"])
@@ -388,10 +455,14 @@ class CurriculumTrainer:
             self.ema.load_state_dict(state["ema"], int(state.get("ema_num_updates", 0)))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        self._apply_optimizer_config()
+        if state.get("scaler"):  # empty when saved without fp16 (a resume may switch train.amp)
+            self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        self.skipped_steps = [int(s) for s in state.get("skipped_steps", [])]
         self.pacing.load_state_dict(state.get("pacing") or {})
         self.plan = self.pacing.plan()
+        self._check_resumed_lengths(state)
         self.stage_entered = int(state.get("stage_entered", -1))
         if self.stage_entered >= 0:
             self.diffusion.set_time_range(self.plan[self.stage_entered].t_min, self.plan[self.stage_entered].t_max)
