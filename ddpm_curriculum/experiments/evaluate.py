@@ -13,6 +13,9 @@ checkpoints are differences between networks.
   first ``tki_samples`` held-out images (``metrics.bayes.template_knowledge_index``: 1 = recovers the true
   minor template as well as the Bayes-optimal denoiser, 0 = no better than knowing only the minor power;
   ``tki_mse`` is the error-based variant, which an untrained "ε̂ = 0" network cannot game).
+- ``minor_amplitude_excess_norm`` (twoscale): the floor-corrected minor amplitude divided by the ceiling's, i.e.
+  by what the exact Bayes denoiser scores through the same sampler, sample count, noise and quantisation
+  (``metrics.bayes.ceiling_metrics``, computed once per process and setting): 1 = as good as a perfect denoiser.
 - Samples: images 0 … num_samples−1 exactly as ``generate.py --seed <eval seed>`` makes them (DDIM, η = 0,
   or ancestral), quantised like saved PNGs, scored with the twoscale oracle metrics when the dataset is
   twoscale, and with FID (eval.py's code) when the grid's ``eval.fid_ref`` names a reference.
@@ -20,6 +23,7 @@ checkpoints are differences between networks.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -71,9 +75,27 @@ def sample_metrics(net, settings: GridEvalConfig, device) -> dict[str, float]:
 
         metrics = twoscale_oracle_metrics(from_uint8(images), builders.make_dataset(cfg))
         metrics.pop("num_samples")
+        best = ceiling(net, settings)["minor_amplitude_excess"]
+        metrics["minor_amplitude_excess_norm"] = metrics["minor_amplitude_excess"] / best
     if settings.fid_ref:
         metrics["fid"] = sample_fid(images, cfg, settings, device)
     return metrics
+
+
+_CEILINGS: dict = {}  # (dataset, diffusion, sampling settings) → the ceiling's oracle metrics, per process
+
+
+def ceiling(net, settings: GridEvalConfig) -> dict:
+    """Oracle metrics of the exact Bayes denoiser's samples under ``settings`` (metrics/bayes.py), cached."""
+    from ..metrics.bayes import ceiling_metrics
+
+    cfg = net.config
+    key = (json.dumps(cfg.to_dict()["dataset"], sort_keys=True), json.dumps(cfg.to_dict()["diffusion"], sort_keys=True),
+           settings.num_samples, settings.sample_steps, settings.seed, settings.batch_size)
+    if key not in _CEILINGS:
+        _CEILINGS[key] = ceiling_metrics(net.diffusion, builders.make_dataset(cfg), settings.num_samples,
+                                         settings.sample_steps, settings.seed, settings.batch_size)
+    return _CEILINGS[key]
 
 
 def sample_fid(images: torch.Tensor, cfg, settings: GridEvalConfig, device) -> float:

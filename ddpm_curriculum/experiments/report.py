@@ -21,7 +21,8 @@ from .endpoints import first_crossing, exposure, mean_over_training, paired_cont
 # (metric, better direction: +1 higher, −1 lower, 0 closer to 1), in report order
 METRICS = [
     ("val_loss", -1), ("val_loss_low_t", -1), ("val_loss_high_t", -1),
-    ("minor_present", +1), ("minor_amplitude", 0), ("minor_amplitude_excess", +1), ("minor_floor", -1),
+    ("minor_present", +1), ("minor_amplitude", 0), ("minor_amplitude_excess", +1),
+    ("minor_amplitude_excess_norm", +1), ("minor_floor", -1),
     ("minor_coverage", +1), ("tki_mse_400", +1), ("tki_400", 0),
     ("major_present", +1), ("major_amplitude", 0), ("major_coverage", +1), ("residual_ratio", 0),
     ("fid", -1),

@@ -39,7 +39,8 @@ def use_random_flip(cfg: Config) -> bool:
     return d.random_flip if d.random_flip is not None else d.name != "twoscale"
 
 
-def make_model(cfg: Config) -> nn.Module:
+def make_model(cfg: Config, name: str | None = None) -> nn.Module:
+    """The configured network; ``name`` overrides the registered model (default: the mode's)."""
     m = cfg.model
     c, h, w = image_shape(cfg)
     if m.in_channels != c:
@@ -50,7 +51,7 @@ def make_model(cfg: Config) -> nn.Module:
         raise UserError(f"image size {h}x{w} is not divisible by {factor} "
                         f"({len(m.ch_multipliers)} UNet levels); change dataset.image_size or model.ch_multipliers")
     # Mode CS needs the gated network; with an all-ones mask it computes exactly what "unet" computes.
-    name = GATED_MODEL_NAMES[cfg.sparsity.location] if cfg.sparsity.enabled else m.name
+    name = name or (GATED_MODEL_NAMES[cfg.sparsity.location] if cfg.sparsity.enabled else m.name)
     return build_model(name, in_channels=m.in_channels, hid_channels=m.hid_channels,
                        ch_multipliers=tuple(m.ch_multipliers), num_res_blocks=m.num_res_blocks,
                        apply_attn=tuple(m.apply_attn), drop_rate=m.drop_rate,
