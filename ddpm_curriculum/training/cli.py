@@ -82,13 +82,14 @@ def describe_plan(cfg: Config) -> str:
     (active channels for CS, λ for CR) and the timestep sampler/weighting/pacing when not the defaults."""
     from ..sparsity import stage_notes
     from .builders import make_dataset, make_diffusion
+    from .sampler import ShardedBatchSampler
 
     try:
         n = len(make_dataset(cfg))
-        spe = n // cfg.train.batch_size
     except UserError as exc:
-        n, spe = None, None
-        note = f"(dataset not available: {exc})"
+        n, spe, note = None, None, f"(dataset not available: {exc})"
+    else:  # the real run's check, with its message (e.g. fewer samples than one batch)
+        spe, note = ShardedBatchSampler(n, cfg.train.batch_size, 0, 1, cfg.train.seed).steps_per_epoch, ""
     diffusion, T, cur = make_diffusion(cfg), cfg.diffusion.timesteps, cfg.curriculum
     notes = stage_notes(cfg) if cur.enabled else []
     where = "of T" if cur.space == "t" else "of the log-SNR range"
