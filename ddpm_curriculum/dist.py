@@ -69,6 +69,20 @@ def init(device: str | None = None) -> torch.device:
     return dev
 
 
+def set_threads(n: int | None = None) -> int:
+    """Set this process's intra-op CPU threads; returns the count in force.
+
+    ``n`` wins. Otherwise torch's default stands (``OMP_NUM_THREADS`` when set, else one per core), except
+    that several local processes (spawned ranks) split the cores instead of each taking all of them.
+    """
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if n is None and local > 1 and "OMP_NUM_THREADS" not in os.environ:
+        n = max(1, (os.cpu_count() or 1) // local)
+    if n is not None:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()

@@ -30,7 +30,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rigid-launch", action="store_true", help="with --num-gpus: spawn instead of torchrun")
     p.add_argument("--stop-at-step", type=int, help="checkpoint and stop after this global step")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    return p.parse_args(argv)
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads per process (default: torch's, i.e. OMP_NUM_THREADS or one per core; "
+                        "on a shared machine use fewer, e.g. 1)")
+    args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads}: need at least 1")
+    return args
 
 
 def resolve(args) -> tuple[Config, dict | None]:
@@ -159,7 +165,10 @@ def worker(args, cfg_dict: dict, run_dir: str, resume: bool) -> int:
         if dist.is_main():
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        threads = dist.set_threads(args.threads)
         dist.print0(f"mode {cfg.mode}, world size {dist.world_size()}, device {device}, run dir {run_dir}")
+        dist.print0(f"CPU threads per process: {threads}" + ("" if args.threads else
+                    " (torch's default; on a busy machine --threads 1 is often much faster)"))
         for line in _variant_lines(cfg):
             dist.print0(line)
         trainer = trainer_cls(cfg, run_dir, device, resume_state=state,
