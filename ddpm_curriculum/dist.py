@@ -36,9 +36,13 @@ def is_main() -> bool:
 
 
 def print0(*args, **kwargs) -> None:
-    """``print`` on rank 0 only; other ranks stay silent."""
+    """``print`` on rank 0 only; other ranks stay silent. Open tqdm bars are cleared first and redrawn
+    after, so a line never glues onto a bar."""
     if is_main():
-        print(*args, **kwargs, flush=True)
+        from tqdm import tqdm
+
+        with tqdm.external_write_mode():
+            print(*args, **kwargs, flush=True)
 
 
 def launched_by_torchrun() -> bool:

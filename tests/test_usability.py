@@ -1,8 +1,10 @@
 """What a new user hit (issue 14 item 10): dry runs on too small a dataset, thread counts, the progress bar,
 the launch flags' help, and prune.py errors that must name the fix."""
 
+import io
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from ddpm_curriculum import dist
 from ddpm_curriculum.errors import run_cli
 from ddpm_curriculum.training import CurriculumTrainer
 from ddpm_curriculum.training.cli import main as train_main
-from tests.test_training import TINY
+from tests.test_training import TINY, tiny_cfg
 
 
 @pytest.fixture
@@ -64,3 +66,35 @@ def test_spawned_ranks_split_the_cores_unless_told_otherwise(monkeypatch, thread
 def test_bad_thread_count_is_one_line(tiny_json, capsys):
     assert run_cli(train_main, ["--config-path", str(tiny_json), "--threads", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --threads 0: need at least 1"
+
+
+def test_progress_bar_keeps_lines_intact_and_shows_stage_and_loss_from_step_one(tmp_path, monkeypatch):
+    from ddpm_curriculum.training import trainer as trainer_module
+
+    posts = []
+
+    class EveryDraw(trainer_module.tqdm):  # draw on every update, record every postfix
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "mininterval": 0, "miniters": 1})
+
+        def set_postfix_str(self, s="", refresh=True):
+            posts.append((self.n, s))
+            super().set_postfix_str(s, refresh)
+
+    monkeypatch.setattr(trainer_module, "tqdm", EveryDraw)
+    out = io.StringIO()  # one stream for prints and bar, as a terminal shows them
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", out)
+    cfg = tiny_cfg("train.steps=8", "train.image_intv=0", "train.chkpt_intv=0", "train.num_samples=0",
+                   "eval.num_samples=0")
+    CurriculumTrainer(cfg, tmp_path / "run", torch.device("cpu"), progress=True).train()
+    # stage 'high' is steps 1-5, then 'full'; the postfix names the step's stage and its loss from step 1 on
+    assert [n for n, _ in posts] == list(range(8))
+    assert all(s.startswith("high t∈[80,99] loss=") for _, s in posts[:5])
+    assert all(s.startswith("full t∈[0,99] loss=") for _, s in posts[5:])
+    segments = [seg for line in out.getvalue().split("\n") for seg in line.split("\r")]
+    messages = [seg for seg in segments if "epochs [" in seg or "' done at step" in seg]
+    assert messages == ["stage 1/2 'high' done at step 5; next: 'full'", "1/1 epochs [full]: loss=" +
+                        messages[-1].rsplit("=", 1)[-1]]  # each on its own, not glued onto a bar
+    visible = [line.split("\r")[-1] for line in out.getvalue().split("\n")]  # what a terminal leaves on each line
+    assert sum("8/8 [" in line for line in visible) == 1  # the final bar is shown once
