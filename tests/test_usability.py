@@ -98,3 +98,27 @@ def test_progress_bar_keeps_lines_intact_and_shows_stage_and_loss_from_step_one(
                         messages[-1].rsplit("=", 1)[-1]]  # each on its own, not glued onto a bar
     visible = [line.split("\r")[-1] for line in out.getvalue().split("\n")]  # what a terminal leaves on each line
     assert sum("8/8 [" in line for line in visible) == 1  # the final bar is shown once
+
+
+@pytest.mark.parametrize("flags, note", [
+    (["--distributed"], "note: --distributed alone trains one process; launch with torchrun"),
+    (["--rigid-launch"], "note: --rigid-launch has no effect without --num-gpus N"),
+    (["--distributed", "--rigid-launch", "--num-gpus", "2"], None),
+])
+def test_seed_launch_flags_do_what_their_help_says(tiny_json, tmp_path, monkeypatch, capsys, flags, note):
+    from ddpm_curriculum.training import cli
+
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--distributed accepted for the seeds' commands, no effect" in help_text
+    assert "--rigid-launch accepted for the seeds' commands, no effect" in help_text
+    # what happens: one process unless --num-gpus N > 1 (or torchrun), with or without the two flags
+    launched = []
+    monkeypatch.setattr(cli, "worker", lambda *a: launched.append("worker") or 0)
+    monkeypatch.setattr(cli.dist, "spawn", lambda fn, n, a: launched.append(f"spawn {n}"))
+    args = ["--config-path", str(tiny_json), "--run-dir", str(tmp_path / "run"), "--device", "cpu", *flags]
+    assert train_main(args) == 0
+    assert launched == (["spawn 2"] if "--num-gpus" in flags else ["worker"])
+    out = capsys.readouterr().out
+    assert (note in out) if note else "note:" not in out

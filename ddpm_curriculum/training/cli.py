@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,9 +26,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="resume from a checkpoint file or run directory (no PATH: latest in --run-dir)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and stage plan, then exit")
-    p.add_argument("--distributed", action="store_true", help="multi-process training (torchrun or --num-gpus)")
-    p.add_argument("--num-gpus", type=int, default=1, help="spawn this many local processes (seed launch)")
-    p.add_argument("--rigid-launch", action="store_true", help="with --num-gpus: spawn instead of torchrun")
+    p.add_argument("--distributed", action="store_true",
+                   help="accepted for the seeds' commands, no effect: several processes come from torchrun "
+                        "(detected from its environment) or --num-gpus N")
+    p.add_argument("--num-gpus", type=int, default=1,
+                   help="spawn this many local processes (rank i on cuda:i, or gloo on CPU); not under torchrun")
+    p.add_argument("--rigid-launch", action="store_true",
+                   help="accepted for the seeds' commands, no effect: --num-gpus N always spawns its processes")
     p.add_argument("--stop-at-step", type=int, help="checkpoint and stop after this global step")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--threads", type=int, metavar="N",
@@ -192,8 +197,22 @@ def _spawned(args, cfg_dict, run_dir, resume):
         sys.exit(code)
 
 
+def _launch_notes(args) -> list[str]:
+    """What the seeds' launch flags do here, when they would otherwise suggest more than happens."""
+    several = args.num_gpus > 1 or (dist.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1)
+    notes = []
+    if args.distributed and not several:
+        notes.append("--distributed alone trains one process; launch with torchrun --nproc_per_node N "
+                     "or add --num-gpus N")
+    if args.rigid_launch and args.num_gpus <= 1:
+        notes.append("--rigid-launch has no effect without --num-gpus N (which always spawns N processes)")
+    return notes
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    for note in _launch_notes(args):
+        print(f"note: {note}")
     cfg, state = resolve(args)
     if cfg.mode == "prune" and state is None and args.dry_run and not cfg.maskpro.source:
         print("note: maskpro.source is not set; a real run needs it and takes its architecture from it")
