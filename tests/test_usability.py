@@ -13,6 +13,7 @@ from ddpm_curriculum import dist
 from ddpm_curriculum.errors import run_cli
 from ddpm_curriculum.training import CurriculumTrainer
 from ddpm_curriculum.training.cli import main as train_main
+from tests.test_generate import script
 from tests.test_training import TINY, tiny_cfg
 
 
@@ -122,3 +123,51 @@ def test_seed_launch_flags_do_what_their_help_says(tiny_json, tmp_path, monkeypa
     assert launched == (["spawn 2"] if "--num-gpus" in flags else ["worker"])
     out = capsys.readouterr().out
     assert (note in out) if note else "note:" not in out
+
+
+@pytest.fixture(scope="module")
+def pruned_twoscale(tmp_path_factory):
+    """A briefly trained tiny twoscale run and prune.py's output folder for it."""
+    from ddpm_curriculum.pruning.cli import main as prune_main
+
+    root = tmp_path_factory.mktemp("pruned")
+    cfg = tiny_cfg("train.steps=6", "train.image_intv=0", "train.chkpt_intv=0", "train.num_samples=0",
+                   "eval.num_samples=0")
+    CurriculumTrainer(cfg, root / "run", torch.device("cpu"), progress=False).train()
+    assert prune_main(["--model_path", str(root / "run"), "--save_path", str(root / "out"), "--device", "cpu",
+                       "--eval_samples", "0", "--preview_samples", "0"]) == 0
+    return root
+
+
+@pytest.mark.parametrize("model_path, extra, expected", [
+    ("out", [], "{root}/out is a prune.py output folder, not a run directory; pass {root}/out/pruned.pt"),
+    ("google/ddpm-cifar10-32", [], "checkpoint not found: google/ddpm-cifar10-32; a Hugging Face Hub id is not "
+     "downloaded here: fetch it where there is internet (huggingface-cli download google/ddpm-cifar10-32 "
+     "--local-dir ddpm-cifar10-32) and pass that diffusers folder"),
+    ("run", ["--dataset", "cifar10"], "--dataset cifar10, but {root}/run/checkpoints/ckpt_00000006.pt was "
+     "trained on 'twoscale' (its stored config says so); --dataset only names the dataset of an imported "
+     "ddpm-torch/diffusers network: drop it"),
+])
+def test_prune_errors_name_the_fix(pruned_twoscale, tmp_path, capsys, model_path, extra, expected):
+    from ddpm_curriculum.pruning.cli import main as prune_main
+
+    root = pruned_twoscale
+    path = str(root / model_path) if (root / model_path.split("/")[0]).exists() else model_path
+    argv = ["--model_path", path, "--save_path", str(tmp_path / "p"), "--device", "cpu", "--eval_samples", "0",
+            "--preview_samples", "0", *extra]
+    assert run_cli(prune_main, argv) == 2  # what prune.py runs
+    assert capsys.readouterr().err.strip() == "error: " + expected.format(root=root)
+    if "Hub" in expected:  # and once through the script itself
+        res = script("prune.py", *argv)
+        assert res.returncode == 2 and res.stderr.strip() == "error: " + expected
+
+
+def test_prune_dataset_of_an_imported_network_is_applied(pruned_twoscale, tmp_path):
+    from ddpm_curriculum.pruning.cli import main as prune_main
+
+    state = torch.load(pruned_twoscale / "out" / "pruned.pt", weights_only=True)
+    torch.save({"model": state["model"]}, tmp_path / "ddpm_torch.pt")  # a ddpm-torch-style checkpoint
+    assert prune_main(["--model_path", str(tmp_path / "ddpm_torch.pt"), "--save_path", str(tmp_path / "p"),
+                       "--dataset", "celeba64", "--device", "cpu", "--eval_samples", "0",
+                       "--preview_samples", "0"]) == 0
+    assert torch.load(tmp_path / "p" / "pruned.pt", weights_only=True)["config"]["dataset"]["name"] == "celeba64"
