@@ -36,9 +36,13 @@ def is_main() -> bool:
 
 
 def print0(*args, **kwargs) -> None:
-    """``print`` on rank 0 only; other ranks stay silent."""
+    """``print`` on rank 0 only; other ranks stay silent. Open tqdm bars are cleared first and redrawn
+    after, so a line never glues onto a bar."""
     if is_main():
-        print(*args, **kwargs, flush=True)
+        from tqdm import tqdm
+
+        with tqdm.external_write_mode():
+            print(*args, **kwargs, flush=True)
 
 
 def launched_by_torchrun() -> bool:
@@ -67,6 +71,20 @@ def init(device: str | None = None) -> torch.device:
     elif dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", 0)
     return dev
+
+
+def set_threads(n: int | None = None) -> int:
+    """Set this process's intra-op CPU threads; returns the count in force.
+
+    ``n`` wins. Otherwise torch's default stands (``OMP_NUM_THREADS`` when set, else one per core), except
+    that several local processes (spawned ranks) split the cores instead of each taking all of them.
+    """
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if n is None and local > 1 and "OMP_NUM_THREADS" not in os.environ:
+        n = max(1, (os.cpu_count() or 1) // local)
+    if n is not None:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
 
 
 def cleanup() -> None:

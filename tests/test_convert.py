@@ -110,7 +110,8 @@ def test_cifar10_architecture_is_read_off_a_ddpm_torch_state_dict():
                       "apply_attn": [False, True, False, False], "resample_with_conv": True}
     imported = import_ddpm_torch({"model": {f"module.{k}": v for k, v in sd.items()}, "epoch": 2040})
     assert imported.weights == "model" and len(imported.state_dict) == 304
-    assert imported.model["norm_eps"] == 1e-5
+    assert imported.model["norm_eps"] == 1e-6  # the released checkpoints' eps (ddpm-torch since 2023-07-16)
+    assert import_ddpm_torch({"model": sd}, norm_eps=1e-5).model["norm_eps"] == 1e-5
 
 
 def _ddpm_torch_checkpoint(shadow_prefix=""):
@@ -123,22 +124,37 @@ def _ddpm_torch_checkpoint(shadow_prefix=""):
 
 
 @pytest.mark.parametrize("shadow_prefix", ["", "module."])
-def test_ddpm_torch_checkpoint_loads_ema_or_model_with_its_groupnorm_eps(tmp_path, shadow_prefix):
+def test_ddpm_torch_checkpoint_loads_ema_or_model(tmp_path, shadow_prefix):
     model, ckpt = _ddpm_torch_checkpoint(shadow_prefix)
     torch.save(ckpt, tmp_path / "cifar10_3.pt")
     ema, raw = load_network(tmp_path / "cifar10_3.pt"), load_network(tmp_path / "cifar10_3.pt", use_ema=False)
     assert (ema.format, ema.weights, ema.step, raw.weights) == ("ddpm-torch", "ema", 1234, "model")
-    assert ema.config.model.norm_eps == 1e-5 and ema.config.dataset.name == "cifar10"
-    assert ema.config.diffusion.model_var_type == "fixed-large"
+    assert ema.config.dataset.name == "cifar10" and ema.config.diffusion.model_var_type == "fixed-large"
     for k, v in model.state_dict().items():
         assert torch.equal(raw.model.state_dict()[k], v) and torch.equal(ema.model.state_dict()[k], v + 0.01)
-    # ddpm-torch's own network: GroupNorm eps 1e-5, same weights → identical outputs
-    reference = UNet(hid_channels=32, ch_multipliers=(1, 2, 2), num_res_blocks=1, apply_attn=(False, True, False),
-                     norm_eps=1e-5).eval()
-    reference.load_state_dict(model.state_dict())
+
+
+@pytest.mark.parametrize("overrides, eps, other", [([], 1e-6, 1e-5), (["model.norm_eps=1e-5"], 1e-5, 1e-6)])
+def test_ddpm_torch_import_uses_the_chosen_groupnorm_eps(tmp_path, overrides, eps, other):
+    """Default 1e-6 (the released checkpoints); ``--set model.norm_eps=1e-5`` for pre-July-2023 ones. Every
+    GroupNorm gets that eps, and the outputs equal those of ddpm-torch's network built with it, not the other."""
+    model, ckpt = _ddpm_torch_checkpoint()
+    torch.save(ckpt, tmp_path / "cifar10_3.pt")
+    net = load_network(tmp_path / "cifar10_3.pt", use_ema=False, overrides=overrides)
+    norms = [m for m in net.model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert net.config.model.norm_eps == eps and len(norms) > 10 and {m.eps for m in norms} == {eps}
+    arch = dict(hid_channels=32, ch_multipliers=(1, 2, 2), num_res_blocks=1, apply_attn=(False, True, False))
     x, t = inputs(size=32)
+    x = 1e-3 * x  # small activations, so the eps shows in the outputs
     with torch.no_grad():
-        torch.testing.assert_close(raw.model(x, t), reference(x, t), rtol=0, atol=0)
+        out = net.model(x, t)
+        for e in (eps, other):
+            reference = UNet(**arch, norm_eps=e).eval()
+            reference.load_state_dict(model.state_dict())
+            if e == eps:
+                torch.testing.assert_close(out, reference(x, t), rtol=0, atol=0)
+            else:
+                assert not torch.allclose(out, reference(x, t), rtol=0, atol=1e-7)
 
 
 def test_unsupported_layouts_list_the_keys_that_did_not_map(tmp_path, small_unet2d):

@@ -32,7 +32,11 @@ import torch
 from ..errors import UserError
 from .unet import UNet
 
-DDPM_TORCH_NORM_EPS = 1e-5  # ddpm-torch built nn.GroupNorm with PyTorch's default eps
+# GroupNorm eps of ddpm-torch's UNet. Its code used PyTorch's default 1e-5 until the July 2023 update
+# (issue tqch/ddpm-torch#8, 2023-07-16), which set eps=1e-6 in ddpm_torch/models/unet.py and released the
+# retrained checkpoints: cifar10_2040.pt (795.6k steps) replaced ddpm_cifar10_2160.pt (842.4k steps, 1e-5).
+# The released checkpoints need 1e-6; pass norm_eps=1e-5 (``--set model.norm_eps=1e-5``) for older ones.
+DDPM_TORCH_NORM_EPS = 1e-6
 DIFFUSERS_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                           "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
 # The DDPM paper's CIFAR-10 process (REFERENCE §1), used when a checkpoint does not say otherwise.
@@ -276,10 +280,11 @@ def check_state(sd: dict, model_kwargs: dict, what: str) -> None:
     _raise_unless_clean(what, unmapped, missing, [f"{k} {shape}" for k, shape, _ in wrong])
 
 
-def import_ddpm_torch(state: dict, use_ema: bool = True) -> ImportedNetwork:
+def import_ddpm_torch(state: dict, use_ema: bool = True, norm_eps: float = DDPM_TORCH_NORM_EPS) -> ImportedNetwork:
     """A ddpm-torch checkpoint (or bare state dict) → ImportedNetwork; EMA ``shadow`` weights when present
     and ``use_ema``. The diffusion is DDPM's CIFAR-10 process and the dataset CIFAR-10 (ddpm-torch
-    checkpoints store neither); GroupNorm eps is ddpm-torch's 1e-5 so outputs match its code exactly."""
+    checkpoints store neither); GroupNorm eps is ``norm_eps`` (the checkpoints do not store it either;
+    see ``DDPM_TORCH_NORM_EPS`` for which one a checkpoint needs)."""
     ema = state.get("ema") if isinstance(state.get("ema"), dict) else None
     if use_ema and ema is not None and _is_state_dict(ema.get("shadow")):
         sd, weights, step = ema["shadow"], "ema", int(ema.get("num_updates", 0) or 0)
@@ -289,7 +294,7 @@ def import_ddpm_torch(state: dict, use_ema: bool = True) -> ImportedNetwork:
         sd, weights, step = state, "model", 0
     sd = _strip_module(sd)
     model = infer_unet_kwargs(sd)
-    model.update(norm_eps=DDPM_TORCH_NORM_EPS, drop_rate=0.1)  # ddpm-torch's CIFAR-10 dropout
+    model.update(norm_eps=float(norm_eps), drop_rate=0.1)  # ddpm-torch's CIFAR-10 dropout
     check_state(sd, model, "ddpm-torch checkpoint")
     return ImportedNetwork(sd, model, step=step, weights=weights, format="ddpm-torch")
 

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 GN_GROUPS = 32
-# ddpm-torch builds nn.GroupNorm with PyTorch's default eps=1e-5; the original TF code and diffusers'
-# google/ddpm-cifar10-32 use 1e-6. 1e-6 is the default here; pass norm_eps=1e-5 to match ddpm-torch
-# checkpoints bit for bit (the difference in outputs is tiny either way).
+# The original TF code, diffusers' google/ddpm-cifar10-32 and ddpm-torch since 2023-07-16 (its released
+# checkpoints) use GroupNorm eps 1e-6, the default here; ddpm-torch before that used PyTorch's 1e-5
+# (norm_eps=1e-5 matches those checkpoints bit for bit; the difference in outputs is tiny either way).
 DEFAULT_NORM_EPS = 1e-6
 # TF variance scaling with scale=0 is undefined; ddpm-torch substitutes 1e-10 ("zero-ish" init that
 # keeps the weights non-zero, so a freshly built block is an identity map but still has gradients).
@@ -241,7 +241,7 @@ class UNet(nn.Module):
         time_embedding_dim: width of the time-embedding MLP (default ``4 * hid_channels``).
         drop_rate: dropout inside the residual blocks.
         resample_with_conv: strided conv / conv after upsampling, instead of avg-pool / plain upsampling.
-        norm_eps: GroupNorm epsilon (1e-6 as in TF DDPM and diffusers; ddpm-torch used 1e-5).
+        norm_eps: GroupNorm epsilon (1e-6 as in TF DDPM, diffusers and ddpm-torch since 2023; 1e-5 before).
         norm_groups: GroupNorm groups (32 as in DDPM; layers narrower than that use one group per channel).
 
     ``forward(x [B, in_channels, H, W], t [B]) → [B, out_channels, H, W]``; H and W must be divisible by

@@ -44,6 +44,8 @@ def _extract(layers, args):
     return masks_from_nonzero(layers)
 
 
+# load_network formats that store no dataset (CIFAR-10 is assumed unless --dataset says otherwise)
+IMPORTED_FORMATS = ("ddpm-torch", "diffusers")
 # method → masks from the chosen {name: layer} (and the parsed arguments)
 METHODS = {"magnitude": _magnitude, "random": _random, "nm": _nm, "extract": _extract}
 
@@ -73,7 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     _add(p, "--no_default_protect", action="store_true", help="do not protect in_conv, out_conv, embed, class_emb")
     p.add_argument("--layers", action="append", default=[], metavar="REGEX", help="only prune these layers")
     _add(p, "--no_ema", action="store_true", help="prune the raw weights instead of the EMA weights")
-    p.add_argument("--dataset", help="dataset of an imported network (default cifar10): sets dataset.name")
+    p.add_argument("--dataset", help="dataset of an imported ddpm-torch/diffusers network (default cifar10); "
+                                     "a network of this project keeps the dataset it was trained on")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override the loaded network's config (e.g. dataset.image_size=64)")
     p.add_argument("--seed", type=int, default=0, help="random pruner seed")
@@ -86,8 +89,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.pruner and args.method not in (None, "magnitude", "random"):
         raise UserError(f"--pruner {args.pruner} conflicts with --method {args.method}; give one of them")
     args.method = args.method or args.pruner or "magnitude"
-    if args.dataset:
-        args.overrides.insert(0, f"dataset.name={args.dataset}")
     check_nm(args.n, args.m, args.nm_order)
     return args
 
@@ -180,6 +181,13 @@ def main(argv=None) -> int:
 
     device = dist.init(args.device)  # one process: just picks the device
     net = load_network(args.model_path, use_ema=not args.no_ema, overrides=args.overrides)
+    if args.dataset and args.dataset != net.config.dataset.name:
+        if net.format not in IMPORTED_FORMATS:  # its config names the dataset it was trained on
+            raise UserError(f"--dataset {args.dataset}, but {net.source} was trained on "
+                            f"'{net.config.dataset.name}' (its stored config says so); --dataset only names the "
+                            f"dataset of an imported ddpm-torch/diffusers network: drop it")
+        net = load_network(args.model_path, use_ema=not args.no_ema,
+                           overrides=[f"dataset.name={args.dataset}", *args.overrides])
     out = Path(args.save_path)
     out.mkdir(parents=True, exist_ok=True)
     print(f"loaded {net.format} network from {net.source} ({net.weights} weights, step {net.step})")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,12 +87,19 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         found = latest_checkpoint(path)
+        if found is None and (path / "pruned.pt").is_file():
+            raise UserError(f"{path} is a prune.py output folder, not a run directory; pass {path / 'pruned.pt'}")
         if found is None:
             raise UserError(f"no checkpoint in {path / 'checkpoints'}; pass a checkpoint file or a run "
                             f"directory that has one")
         return found
     if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}; pass an existing .pt file or run directory")
+        hub = bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path))) and not path.parent.exists() \
+            and path.suffix not in (".pt", ".pth", ".ckpt", ".bin", ".safetensors")  # looks like owner/name
+        raise UserError(f"checkpoint not found: {path}; " + (
+            f"a Hugging Face Hub id is not downloaded here: fetch it where there is internet "
+            f"(huggingface-cli download {path} --local-dir {path.name}) and pass that diffusers folder"
+            if hub else "pass an existing .pt file, run directory or diffusers folder"))
     return path
 
 

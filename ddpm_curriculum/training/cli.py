@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,12 +28,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="resume from a checkpoint file or run directory (no PATH: latest in --run-dir)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and stage plan, then exit")
-    p.add_argument("--distributed", action="store_true", help="multi-process training (torchrun or --num-gpus)")
-    p.add_argument("--num-gpus", type=int, default=1, help="spawn this many local processes (seed launch)")
-    p.add_argument("--rigid-launch", action="store_true", help="with --num-gpus: spawn instead of torchrun")
+    p.add_argument("--distributed", action="store_true",
+                   help="accepted for the seeds' commands, no effect: several processes come from torchrun "
+                        "(detected from its environment) or --num-gpus N")
+    p.add_argument("--num-gpus", type=int, default=1,
+                   help="spawn this many local processes (rank i on cuda:i, or gloo on CPU); not under torchrun")
+    p.add_argument("--rigid-launch", action="store_true",
+                   help="accepted for the seeds' commands, no effect: --num-gpus N always spawns its processes")
     p.add_argument("--stop-at-step", type=int, help="checkpoint and stop after this global step")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    return p.parse_args(argv)
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads per process (default: torch's, i.e. OMP_NUM_THREADS or one per core; "
+                        "on a shared machine use fewer, e.g. 1)")
+    args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads}: need at least 1")
+    return args
 
 
 def resolve(args) -> tuple[Config, dict | None]:
@@ -130,13 +141,14 @@ def describe_plan(cfg: Config) -> str:
     (active channels for CS, λ for CR) and the timestep sampler/weighting/pacing when not the defaults."""
     from ..sparsity import stage_notes
     from .builders import make_dataset, make_diffusion
+    from .sampler import ShardedBatchSampler
 
     try:
         n = len(make_dataset(cfg))
-        spe = n // cfg.train.batch_size
     except UserError as exc:
-        n, spe = None, None
-        note = f"(dataset not available: {exc})"
+        n, spe, note = None, None, f"(dataset not available: {exc})"
+    else:  # the real run's check, with its message (e.g. fewer samples than one batch)
+        spe, note = ShardedBatchSampler(n, cfg.train.batch_size, 0, 1, cfg.train.seed).steps_per_epoch, ""
     diffusion, T, cur = make_diffusion(cfg), cfg.diffusion.timesteps, cfg.curriculum
     notes = stage_notes(cfg) if cur.enabled else []
     where = "of T" if cur.space == "t" else "of the log-SNR range"
@@ -204,7 +216,10 @@ def worker(args, cfg_dict: dict, run_dir: str, resume: bool) -> int:
             from ..pruning.learn import MaskProTrainer as trainer_cls
         state = load_checkpoint(args.resume or run_dir) if resume else None
         run_dir = Path(dist.broadcast_object(str(run_dir)))
+        threads = dist.set_threads(args.threads)
         dist.print0(f"mode {cfg.mode}, world size {dist.world_size()}, device {device}, run dir {run_dir}")
+        dist.print0(f"CPU threads per process: {threads}" + ("" if args.threads else
+                    " (torch's default; on a busy machine --threads 1 is often much faster)"))
         for line in _variant_lines(cfg):
             dist.print0(line)
         trainer = trainer_cls(cfg, run_dir, device, resume_state=state,
@@ -231,8 +246,22 @@ def _spawned(args, cfg_dict, run_dir, resume):
         sys.exit(code)
 
 
+def _launch_notes(args) -> list[str]:
+    """What the seeds' launch flags do here, when they would otherwise suggest more than happens."""
+    several = args.num_gpus > 1 or (dist.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1)
+    notes = []
+    if args.distributed and not several:
+        notes.append("--distributed alone trains one process; launch with torchrun --nproc_per_node N "
+                     "or add --num-gpus N")
+    if args.rigid_launch and args.num_gpus <= 1:
+        notes.append("--rigid-launch has no effect without --num-gpus N (which always spawns N processes)")
+    return notes
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    for note in _launch_notes(args):
+        print(f"note: {note}")
     cfg, state = resolve(args)
     if cfg.mode == "prune" and state is None and args.dry_run and not cfg.maskpro.source:
         print("note: maskpro.source is not set; a real run needs it and takes its architecture from it")

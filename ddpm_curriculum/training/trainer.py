@@ -132,6 +132,7 @@ class CurriculumTrainer:
         """Train to the end (or until stopped); returns a summary dict."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         restore = self._install_signal_handlers()
+        self.img_per_sec = None  # of the last logged interval, for the bar
         bar = tqdm(total=self.total_steps, initial=self.step, dynamic_ncols=True, smoothing=0.05,
                    disable=not (dist.is_main() and self.progress))
         try:
@@ -164,6 +165,7 @@ class CurriculumTrainer:
             self.step += 1
             if loss is not None and self.pacing.update(self.plan, self.step, loss):  # patience ended the stage
                 self.plan = self.pacing.plan()
+            self._show_progress(bar, self.plan[stage.index], loss)
             bar.update(1)
             self._after_step(self.plan[stage.index], bar)
             if stop or (self.stop_at_step is not None and self.step >= self.stop_at_step):
@@ -283,8 +285,7 @@ class CurriculumTrainer:
                                  t_range=list(self.diffusion.time_range), lr=self.scheduler.get_last_lr()[0],
                                  **fields)
             if rec is not None:
-                bar.set_postfix_str(f"{stage.name} t∈[{rec['t_range'][0]},{rec['t_range'][1]}] "
-                                    f"loss={rec['loss']:.4f} {rec['img_per_sec']:.0f} img/s", refresh=False)
+                self.img_per_sec = rec["img_per_sec"]
         stage_end = self.step == stage.end_step
         epoch_end = self.step % self.steps_per_epoch == 0
         if epoch_end:
@@ -305,6 +306,15 @@ class CurriculumTrainer:
             self.sample_grid(stage.name)
         if epoch_end and t.chkpt_intv and self.epoch % t.chkpt_intv == 0 and self.step < self.total_steps:
             self.save()
+
+    def _show_progress(self, bar, stage, loss: float) -> None:
+        """The bar's postfix from the first step on: this step's stage, t range and loss (global batch mean),
+        and the speed of the last logged interval."""
+        if bar.disable:
+            return
+        lo, hi = self.diffusion.time_range
+        speed = f" {self.img_per_sec:.0f} img/s" if self.img_per_sec else ""
+        bar.set_postfix_str(f"{stage.name} t∈[{lo},{hi}] loss={loss:.4f}{speed}", refresh=False)
 
     def sampling_model(self):
         return self.ema.model if self.ema is not None else self.model
