@@ -112,3 +112,26 @@ def test_bad_contrast_is_refused(tmp_path):
     for bad in (["C"], ["C", "nope"], ["C", "C"]):
         with pytest.raises(UserError, match="must name two different arms"):
             load_grid(write_grid(tmp_path, contrasts=[bad]))
+
+
+def test_t50_cell_says_when_no_seed_crossed():
+    from ddpm_curriculum.experiments.report import _t50_cell
+
+    assert _t50_cell({0: 1792.0, 1: 1792.0}, {0: True, 1: True}) == "> 1792"
+    assert _t50_cell({0: 700.0, 1: 900.0, 2: 1792.0}, {0: False, 1: False, 2: True}) == \
+        "800 ± 1.4e+02 (1 seed(s) > budget)"
+
+
+def test_the_study_grid_is_pre_registered_with_a_budget_every_main_arm_can_cross():
+    from ddpm_curriculum.experiments import expand_runs, load_grid
+    from ddpm_curriculum.experiments.runner import steps_per_epoch
+
+    from .test_training import ROOT
+
+    grid = load_grid(ROOT / "configs/experiments/twoscale_study.json")
+    assert grid.contrasts == [["C", "baseline"], ["C", "matched"], ["CS", "C"], ["CS", "CS_random"],
+                              ["C_window", "baseline"]]
+    assert grid.endpoints.t50_metric == "minor_present" and len(grid.eval_at) >= 8 and grid.seeds == [0, 1, 2]
+    runs = expand_runs(grid, steps_per_epoch=steps_per_epoch)
+    assert {r.eval_steps[-1] for r in runs} == {1792}  # >= 2.5 x the baseline's measured T50 (~700 steps)
+    assert {r.arm for r in runs} >= {"baseline", "C", "matched", "CS", "CS_random", "C_window", "CS_decoder"}

@@ -195,6 +195,15 @@ def _mean_or_dash(values) -> str:
     return "—" if not values else _pm(*mean_std(values))
 
 
+def _t50_cell(values: dict, censored: dict) -> str:
+    """T50 over seeds: "> budget" when no seed crossed, else mean ± std of the crossings (+ how many did not)."""
+    crossed = [v for s, v in values.items() if not censored.get(s)]
+    if not crossed:
+        return f"> {_fmt(max(values.values()))}" if values else "—"
+    rest = len(values) - len(crossed)
+    return _pm(*mean_std(crossed)) + (f" ({rest} seed(s) > budget)" if rest else "")
+
+
 def endpoint_lines(by_point: dict, grid, arms: list[str]) -> list[str]:
     """The pre-registered section: endpoints per arm, exposure over training, Holm-corrected contrasts."""
     ep = grid.endpoints
@@ -211,8 +220,9 @@ def endpoint_lines(by_point: dict, grid, arms: list[str]) -> list[str]:
              "| arm | " + " | ".join(names) + f" | censored T50 | samples with {below} at the end |",
              "|---" * (len(names) + 3) + "|"]
     for arm in arms:
-        cells = [_mean_or_dash(values[n].get(arm, {}).values()) for n in names]
         c = cens.get(arm, {})
+        cells = [_t50_cell(values[n].get(arm, {}), c) if n.startswith("T50") else
+                 _mean_or_dash(values[n].get(arm, {}).values()) for n in names]
         cells.append(f"{sum(c.values())}/{len(c)}" if c else "—")
         cells.append(_mean_or_dash([float(v) for v in expo.get(arm, {}).values() if v is not None]))
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
@@ -266,8 +276,8 @@ def write_report(records: list[dict], grid, base: str, out_dir: Path, quick: boo
              f"{len({(r['arm'], r['seed']) for r in records if 'error' not in r})} finished runs.", "",
              "Mean ± std over seeds; differences are paired by seed with a 95% Student-t interval; " +
              ("only the pre-registered contrasts get a verdict (Holm-corrected); "
-              if grid.contrasts else "**better**/**worse** only where the interval excludes 0 ") +
-             "(see `ddpm_curriculum/experiments/report.py`). Metrics: `ddpm_curriculum/experiments/evaluate.py` "
+              if grid.contrasts else "**better**/**worse** only where the interval excludes 0; ") +
+             "see `ddpm_curriculum/experiments/report.py`. Metrics: `ddpm_curriculum/experiments/evaluate.py` "
              "and the oracle metrics in README.md.", ""]
     failures = [r for r in records if "error" in r]
     if failures:
