@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from ..data.images import IMAGE_EXTENSIONS
+from ..data.images import IMAGE_ERRORS, IMAGE_EXTENSIONS
 from ..errors import UserError
 
 
@@ -44,7 +44,7 @@ class FolderImages:
             try:
                 with Image.open(path) as im:
                     shape = (im.size[1], im.size[0], 1 if im.mode == "L" else 3)
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            except IMAGE_ERRORS as exc:
                 raise _unreadable(path, exc) from None
             self._check_shape(path, shape)
 
@@ -58,7 +58,7 @@ class FolderImages:
         try:
             with Image.open(path) as im:
                 arr = np.asarray(im if im.mode == "L" else im.convert("RGB"))
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        except IMAGE_ERRORS as exc:
             raise _unreadable(path, exc) from None
         return arr[..., None] if arr.ndim == 2 else arr
 
