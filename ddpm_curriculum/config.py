@@ -298,7 +298,10 @@ def _convert(value: Any, tp, path: str):
             return int(value)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise UserError(f"config key '{path}' has {len(str(value))} digits, too large for a number") from None
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -367,15 +370,46 @@ def config_from_dict(raw: dict, overrides: list[str] | tuple = ()) -> Config:
     return cfg
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """``object_pairs_hook`` of every JSON read: a key given twice is an error, not silently last-wins."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def parse_json(text: str, where: str):
+    """``json.loads`` with one-line UserErrors: invalid JSON, a repeated key, nesting too deep for Python."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise UserError(f"{where} gives the key '{exc.args[0]}' twice (JSON would keep only the last); "
+                        f"remove one") from None
+    except RecursionError:
+        raise UserError(f"{where} is nested too deeply for Python to read; check the file") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer with more digits than Python converts
+        raise UserError(f"{where} is not valid JSON: {str(exc)[:200]}") from None
+
+
 def read_json_file(path: str | Path, what: str, example: str):
-    """The parsed contents of a JSON file; a missing or malformed file is a one-line UserError."""
+    """The parsed contents of a JSON file; a missing, unreadable or malformed file is a one-line UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} not found: {path} (pass an existing JSON file, e.g. {example})")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{what} {path} is not valid JSON: {exc}") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                        f"save it as UTF-8 JSON") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    return parse_json(text, f"{what} {path}")
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> Config:
@@ -386,9 +420,12 @@ def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> Config:
 def parse_override_value(text: str):
     """Value of a ``--set`` item: JSON when it parses (numbers, booleans, lists, null), else a string."""
     try:
-        return json.loads(text)
+        json.loads(text)
     except json.JSONDecodeError:
-        return text
+        return text  # not JSON: a plain string such as a dataset name
+    except (ValueError, RecursionError):
+        pass  # JSON that Python cannot hold: parse_json names the problem
+    return parse_json(text, f"--set value {text[:40]!r}")
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -400,22 +437,30 @@ def apply_override(raw: dict, item: str) -> None:
     if len(keys) < 2 or not all(keys):
         raise UserError(f"--set expects section.key=value, got {item!r}")
     node = raw
-    for i, key in enumerate(keys[:-1]):
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
         if isinstance(node, list):
-            if not key.isdigit() or int(key) >= len(node):
+            if not key.isdecimal() or int(key) >= len(node):
                 raise UserError(f"--set {dotted}: index {key!r} out of range for a list of {len(node)}")
-            node = node[int(key)]
+            if last:
+                node[int(key)] = parse_override_value(text)
+            else:
+                node = node[int(key)]
             continue
-        if key not in node:
+        if not isinstance(node, dict):  # the path runs through a number, string or null
+            raise UserError(f"--set {dotted}: '{'.'.join(keys[:i])}' is a value, not a section; "
+                            f"set '{'.'.join(keys[:i])}' itself")
+        if last:
+            node[key] = parse_override_value(text)
+        elif key not in node:
             if i == 0 and key not in {f.name for f in dataclasses.fields(Config)}:
                 near = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(Config)], n=1)
                 hint = f" (did you mean '{near[0]}'?)" if near else ""
                 raise UserError(f"--set {dotted}: unknown config section '{key}'{hint}")
             node[key] = {}
-        node = node[key]
-    if not isinstance(node, dict):
-        raise UserError(f"--set {dotted}: '{'.'.join(keys[:-1])}' is not a section")
-    node[keys[-1]] = parse_override_value(text)
+            node = node[key]
+        else:
+            node = node[key]
 
 
 # ------------------------------------------------------------------------------- cross-checks
