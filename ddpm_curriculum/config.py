@@ -25,6 +25,9 @@ from typing import Any
 from .errors import UserError
 
 
+MAX_SEED = 2 ** 63 - 1  # torch.manual_seed takes 64-bit seeds
+
+
 def opt(default, doc: str, *, choices=None, lo=None, hi=None, lo_open=False):
     """A config field: default, documentation, and the allowed values or numeric range."""
     meta = {"doc": doc, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open}
@@ -44,7 +47,7 @@ class DatasetConfig:
     root: str | None = opt(None, "Dataset location; null = from `.env`/environment "
                            "(`CIFAR10_PATH`, `CELEBA_PATH`, `DATA_ROOT`).")
     image_size: int | None = opt(None, "Side length in pixels; null = dataset default "
-                                 "(twoscale 16, cifar10 32, celeba 64). Required for image_folder.", lo=4)
+                                 "(twoscale 16, cifar10 32, celeba 64). Required for image_folder.", lo=4, hi=4096)
     random_flip: bool | None = opt(None, "Random horizontal flip while training; null = on for "
                                    "natural images, off for twoscale (it would break the prototypes).")
     download: bool = opt(False, "Download CIFAR-10 when it is missing (needs internet).")
@@ -55,12 +58,12 @@ class DatasetConfig:
     alpha2: float = opt(0.15, "twoscale: amplitude of the minor (fine) feature.", lo=0.0)
     sigma0: float = opt(0.05, "twoscale: per-pixel Gaussian noise std.", lo=0.0)
     num_samples: int = opt(16384, "twoscale: samples per epoch (sample i is a fixed function of (seed, i)).", lo=1)
-    seed: int = opt(0, "twoscale: seed of the prototypes and samples.", lo=0)
+    seed: int = opt(0, "twoscale: seed of the prototypes and samples.", lo=0, hi=MAX_SEED)
 
 
 @dataclass
 class DiffusionConfig:
-    timesteps: int = opt(1000, "Number of diffusion steps T.", lo=2)
+    timesteps: int = opt(1000, "Number of diffusion steps T.", lo=2, hi=100_000)
     beta_start: float = opt(1e-4, "β_1 of the linear/quad schedules.", lo=0.0, lo_open=True, hi=1.0)
     beta_end: float = opt(0.02, "β_T of the linear/quad schedules.", lo=0.0, lo_open=True, hi=1.0)
     beta_schedule: str = opt("linear", "β schedule.", choices=["linear", "cosine", "quad"])
@@ -109,7 +112,7 @@ class TrainConfig:
     ema_decay: float = opt(0.9999, "EMA decay per optimizer step.", lo=0.0, hi=1.0)
     amp: str = opt("none", "Mixed precision on CUDA: `none`, `bf16`, `fp16` (CPU: only `none`).",
                    choices=["none", "bf16", "fp16"])
-    seed: int = opt(0, "Seed of initialisation, data order, timesteps and noise.", lo=0)
+    seed: int = opt(0, "Seed of initialisation, data order, timesteps and noise.", lo=0, hi=MAX_SEED)
     num_workers: int = opt(0, "DataLoader worker processes per rank.", lo=0)
     log_intv: int = opt(50, "Steps between `metrics.jsonl` lines.", lo=1)
     num_samples: int = opt(64, "Images in each sample grid (fixed noise).", lo=0)
@@ -441,7 +444,8 @@ def apply_override(raw: dict, item: str) -> None:
         last = i == len(keys) - 1
         if isinstance(node, list):
             if not key.isdecimal() or int(key) >= len(node):
-                raise UserError(f"--set {dotted}: index {key!r} out of range for a list of {len(node)}")
+                raise UserError(f"--set {dotted}: '{'.'.join(keys[:i])}' is a list of {len(node)}; "
+                                f"index it with 0 … {len(node) - 1}, not {key!r}")
             if last:
                 node[int(key)] = parse_override_value(text)
             else:
