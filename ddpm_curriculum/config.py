@@ -444,8 +444,8 @@ def apply_override(raw: dict, item: str) -> None:
         last = i == len(keys) - 1
         if isinstance(node, list):
             if not key.isdecimal() or int(key) >= len(node):
-                raise UserError(f"--set {dotted}: '{'.'.join(keys[:i])}' is a list of {len(node)}; "
-                                f"index it with 0 … {len(node) - 1}, not {key!r}")
+                raise UserError(f"--set {dotted}: index {key!r} is out of range; '{'.'.join(keys[:i])}' is a "
+                                f"list of {len(node)} (index 0 … {len(node) - 1})")
             if last:
                 node[int(key)] = parse_override_value(text)
             else:

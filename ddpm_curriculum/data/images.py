@@ -109,7 +109,7 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
         if len(labels) != len(data):
             raise ValueError(f"{len(data)} images but {len(labels)} labels")
     except Exception as exc:  # data only: truncated, wrong layout, forbidden global, ...
-        raise UserError(f"CIFAR-10 file {path} is not a valid CIFAR-10 batch ({type(exc).__name__}: "
+        raise UserError(f"CIFAR-10 file {path} is malformed ({type(exc).__name__}: "
                         f"{str(exc)[:200]}); re-download cifar-10-python.tar.gz") from None
     return data, labels
 
