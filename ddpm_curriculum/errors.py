@@ -13,6 +13,21 @@ class UserError(Exception):
     exit_code = 2
 
 
+def check_output_file(path, flag: str) -> None:
+    """Before the work, not after it: ``path`` (an output file option) must not be a folder, and its folder
+    must exist or be creatable."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; pass a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{flag} {path}: cannot create {path.parent} ({exc.strerror or exc}); "
+                        f"choose a writable place") from None
+
+
 def user_message(exc: UserError) -> str:
     """The one-line message of ``exc``. A UserError raised inside a DataLoader worker reaches the main
     process re-created by torch with the worker's whole traceback as its message ("Caught UserError in

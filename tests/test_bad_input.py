@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 from ddpm_curriculum.data import build_dataset
-from ddpm_curriculum.data.images import read_cifar_batch
 from ddpm_curriculum.errors import UserError, run_cli
 from ddpm_curriculum.sampling import SamplerSpec, generate_to_folder, sample_name
 from ddpm_curriculum.training.checkpoint import load_network
@@ -111,6 +110,8 @@ def test_cifar_style_batches_still_load(tmp_path, protocol):
 
 def test_python2_numpy_core_spelling_loads(tmp_path):
     # the original CIFAR-10 files were written by Python 2 numpy: numpy.core.multiarray._reconstruct
+    from ddpm_curriculum.data.images import read_cifar_batch
+
     data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072) % 251
     raw = pickle.dumps({b"data": data, b"labels": [3, 4]}, protocol=2)
     assert b"numpy._core.multiarray" in raw
@@ -133,6 +134,7 @@ def _cases(tmp):
     (tmp / "latin1.json").write_bytes('{"_comment": "café"}'.encode("latin-1"))
     (tmp / "bigint.json").write_text('{"train": {"steps": 3, "lr": 1%s}}' % ("0" * 400))
     (tmp / "truncated.json").write_text(json.dumps(TINY)[:50])
+    (tmp / "bad.png").write_bytes(b"not an image")
     dry = ["--config-path", str(tiny), "--dry-run"]
     return [
         ("train", dry + ["--set", "train.batch_size=0"], "'train.batch_size' = 0 must be >= 1"),
@@ -160,6 +162,12 @@ def _cases(tmp):
         ("train", ["--config-path", str(tmp / "bigint.json"), "--dry-run"], "'train.lr' has 401 digits"),
         ("train", ["--config-path", str(tmp / "truncated.json"), "--dry-run"], "truncated.json is not valid JSON"),
         ("eval", ["--sample-folder", str(tmp), "--dataset-config", str(tmp / "list.json")], "JSON object"),
+        ("eval", ["--sample-folder", str(tmp), "--ref-folder", str(tmp), "--json", "/proc/no/x.json"],
+         "--json /proc/no/x.json: cannot create /proc/no"),
+        ("eval", ["--sample-folder", str(tmp), "--ref-folder", str(tmp), "--save-stats", str(tmp)], "is a folder"),
+        ("eval", ["--sample-folder", str(tmp), "--ref-folder", str(tmp), "--device", "cpu"],
+         f"cannot read image {tmp / 'bad.png'}"),
+        ("eval", ["--sample-folder", str(tmp / "bad.png"), "--ref-folder", str(tmp)], "is a file, not a folder"),
     ]
 
 
@@ -216,7 +224,8 @@ def test_generate_flags(tiny_run, tmp_path, capsys):  # noqa: F811
              (["--num-samples", "-5"], "--num-samples must be ≥ 1"),
              (["--batch-size", "-3"], "--batch-size must be ≥ 1"),
              (["--seed", "-1"], "--seed must be ≥ 0"),
-             (["--eta", "nan"], "--eta nan is not a finite number")]
+             (["--eta", "nan"], "--eta nan is not a finite number"),
+             (["--npz", "/proc/no/x.npz"], "--npz /proc/no/x.npz: cannot create")]
     for extra, fragment in cases:
         code, err = run_main("generate", [*base, "--save-dir", str(tmp_path / "g"), "--num-samples", "2", *extra],
                              capsys)

@@ -23,6 +23,8 @@ class FolderImages:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+        if self.folder.is_file():
+            raise UserError(f"{self.folder} is a file, not a folder of images; pass its folder, or an .npz file")
         if not self.folder.is_dir():
             raise UserError(f"image folder not found: {self.folder}; pass an existing folder or an .npz file")
         self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS

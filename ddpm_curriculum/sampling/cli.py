@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from .. import dist
-from ..errors import UserError
+from ..errors import UserError, check_output_file
 from .samplers import SamplerSpec
 
 
@@ -56,6 +56,8 @@ def _check_args(args) -> None:
         raise UserError(f"--seed must be ≥ 0, got {args.seed}")
     if args.grid < 0:
         raise UserError(f"--grid must be ≥ 0, got {args.grid}")
+    if args.npz:
+        check_output_file(args.npz, "--npz")
 
 
 def sampler_tag(spec: SamplerSpec, timesteps: int) -> str:
