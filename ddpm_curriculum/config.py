@@ -415,6 +415,23 @@ def read_json_file(path: str | Path, what: str, example: str):
     return parse_json(text, f"{what} {path}")
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines log (metrics.jsonl, results.jsonl; [] when absent). A torn last line, as a
+    killed writer leaves it, is skipped; a damaged line elsewhere is a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            records.append(parse_json(line, f"{path} line {n}"))
+        except UserError:
+            if n < len(lines):
+                raise
+    return records
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> Config:
     """Read a JSON config file, apply ``--set`` overrides and validate."""
     return config_from_dict(read_json_file(path, "config file", "configs/quickstart.json"), overrides)

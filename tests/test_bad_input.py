@@ -346,3 +346,17 @@ def test_digests_journalled_by_a_killed_run_are_used(tiny_run, tmp_path):  # noq
     assert again.generated == 1 and not again.notes  # image 2 has no complete record: regenerated
     assert json.loads(path.read_text())["sha256"] == manifest["sha256"]
     assert not list(tmp_path.glob("*.jsonl"))
+
+
+def test_jsonl_logs_skip_a_torn_last_line_only(tiny_run, tmp_path):  # noqa: F811
+    from ddpm_curriculum.config import read_jsonl
+    from ddpm_curriculum.training.plots import plot_run
+
+    lines = (tiny_run / "metrics.jsonl").read_text().splitlines()
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(lines) + '\n{"step": 99, "lo')  # a kill in the middle of a write
+    assert read_jsonl(path) == [json.loads(line) for line in lines] and len(lines) >= 2
+    assert plot_run(tmp_path)  # the figures are still drawn
+    path.write_text(lines[0] + '\n{"step": 3, "lo\n' + lines[1] + "\n")
+    with pytest.raises(UserError, match="metrics.jsonl line 2 is not valid JSON"):
+        read_jsonl(path)
