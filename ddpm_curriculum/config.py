@@ -25,6 +25,9 @@ from typing import Any
 from .errors import UserError
 
 
+MAX_SEED = 2 ** 63 - 1  # torch.manual_seed takes 64-bit seeds
+
+
 def opt(default, doc: str, *, choices=None, lo=None, hi=None, lo_open=False):
     """A config field: default, documentation, and the allowed values or numeric range."""
     meta = {"doc": doc, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open}
@@ -44,7 +47,7 @@ class DatasetConfig:
     root: str | None = opt(None, "Dataset location; null = from `.env`/environment "
                            "(`CIFAR10_PATH`, `CELEBA_PATH`, `DATA_ROOT`).")
     image_size: int | None = opt(None, "Side length in pixels; null = dataset default "
-                                 "(twoscale 16, cifar10 32, celeba 64). Required for image_folder.", lo=4)
+                                 "(twoscale 16, cifar10 32, celeba 64). Required for image_folder.", lo=4, hi=4096)
     random_flip: bool | None = opt(None, "Random horizontal flip while training; null = on for "
                                    "natural images, off for twoscale (it would break the prototypes).")
     download: bool = opt(False, "Download CIFAR-10 when it is missing (needs internet).")
@@ -55,12 +58,12 @@ class DatasetConfig:
     alpha2: float = opt(0.15, "twoscale: amplitude of the minor (fine) feature.", lo=0.0)
     sigma0: float = opt(0.05, "twoscale: per-pixel Gaussian noise std.", lo=0.0)
     num_samples: int = opt(16384, "twoscale: samples per epoch (sample i is a fixed function of (seed, i)).", lo=1)
-    seed: int = opt(0, "twoscale: seed of the prototypes and samples.", lo=0)
+    seed: int = opt(0, "twoscale: seed of the prototypes and samples.", lo=0, hi=MAX_SEED)
 
 
 @dataclass
 class DiffusionConfig:
-    timesteps: int = opt(1000, "Number of diffusion steps T.", lo=2)
+    timesteps: int = opt(1000, "Number of diffusion steps T.", lo=2, hi=100_000)
     beta_start: float = opt(1e-4, "β_1 of the linear/quad schedules.", lo=0.0, lo_open=True, hi=1.0)
     beta_end: float = opt(0.02, "β_T of the linear/quad schedules.", lo=0.0, lo_open=True, hi=1.0)
     beta_schedule: str = opt("linear", "β schedule.", choices=["linear", "cosine", "quad"])
@@ -113,7 +116,7 @@ class TrainConfig:
     ema_decay: float = opt(0.9999, "EMA decay per optimizer step.", lo=0.0, hi=1.0)
     amp: str = opt("none", "Mixed precision on CUDA: `none`, `bf16`, `fp16` (CPU: only `none`).",
                    choices=["none", "bf16", "fp16"])
-    seed: int = opt(0, "Seed of initialisation, data order, timesteps and noise.", lo=0)
+    seed: int = opt(0, "Seed of initialisation, data order, timesteps and noise.", lo=0, hi=MAX_SEED)
     num_workers: int = opt(0, "DataLoader worker processes per rank.", lo=0)
     log_intv: int = opt(50, "Steps between `metrics.jsonl` lines.", lo=1)
     num_samples: int = opt(64, "Images in each sample grid (fixed noise).", lo=0)
@@ -306,7 +309,10 @@ def _convert(value: Any, tp, path: str):
             return int(value)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise UserError(f"config key '{path}' has {len(str(value))} digits, too large for a number") from None
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -375,15 +381,63 @@ def config_from_dict(raw: dict, overrides: list[str] | tuple = ()) -> Config:
     return cfg
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """``object_pairs_hook`` of every JSON read: a key given twice is an error, not silently last-wins."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def parse_json(text: str, where: str):
+    """``json.loads`` with one-line UserErrors: invalid JSON, a repeated key, nesting too deep for Python."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise UserError(f"{where} gives the key '{exc.args[0]}' twice (JSON would keep only the last); "
+                        f"remove one") from None
+    except RecursionError:
+        raise UserError(f"{where} is nested too deeply for Python to read; check the file") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer with more digits than Python converts
+        raise UserError(f"{where} is not valid JSON: {str(exc)[:200]}") from None
+
+
 def read_json_file(path: str | Path, what: str, example: str):
-    """The parsed contents of a JSON file; a missing or malformed file is a one-line UserError."""
+    """The parsed contents of a JSON file; a missing, unreadable or malformed file is a one-line UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} not found: {path} (pass an existing JSON file, e.g. {example})")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{what} {path} is not valid JSON: {exc}") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                        f"save it as UTF-8 JSON") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    return parse_json(text, f"{what} {path}")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines log (metrics.jsonl, results.jsonl; [] when absent). A torn last line, as a
+    killed writer leaves it, is skipped; a damaged line elsewhere is a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            records.append(parse_json(line, f"{path} line {n}"))
+        except UserError:
+            if n < len(lines):
+                raise
+    return records
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> Config:
@@ -394,9 +448,12 @@ def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> Config:
 def parse_override_value(text: str):
     """Value of a ``--set`` item: JSON when it parses (numbers, booleans, lists, null), else a string."""
     try:
-        return json.loads(text)
+        json.loads(text)
     except json.JSONDecodeError:
-        return text
+        return text  # not JSON: a plain string such as a dataset name
+    except (ValueError, RecursionError):
+        pass  # JSON that Python cannot hold: parse_json names the problem
+    return parse_json(text, f"--set value {text[:40]!r}")
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -408,22 +465,31 @@ def apply_override(raw: dict, item: str) -> None:
     if len(keys) < 2 or not all(keys):
         raise UserError(f"--set expects section.key=value, got {item!r}")
     node = raw
-    for i, key in enumerate(keys[:-1]):
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
         if isinstance(node, list):
-            if not key.isdigit() or int(key) >= len(node):
-                raise UserError(f"--set {dotted}: index {key!r} out of range for a list of {len(node)}")
-            node = node[int(key)]
+            if not key.isdecimal() or int(key) >= len(node):
+                raise UserError(f"--set {dotted}: index {key!r} is out of range; '{'.'.join(keys[:i])}' is a "
+                                f"list of {len(node)} (index 0 … {len(node) - 1})")
+            if last:
+                node[int(key)] = parse_override_value(text)
+            else:
+                node = node[int(key)]
             continue
-        if key not in node:
+        if not isinstance(node, dict):  # the path runs through a number, string or null
+            raise UserError(f"--set {dotted}: '{'.'.join(keys[:i])}' is a value, not a section; "
+                            f"set '{'.'.join(keys[:i])}' itself")
+        if last:
+            node[key] = parse_override_value(text)
+        elif key not in node:
             if i == 0 and key not in {f.name for f in dataclasses.fields(Config)}:
                 near = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(Config)], n=1)
                 hint = f" (did you mean '{near[0]}'?)" if near else ""
                 raise UserError(f"--set {dotted}: unknown config section '{key}'{hint}")
             node[key] = {}
-        node = node[key]
-    if not isinstance(node, dict):
-        raise UserError(f"--set {dotted}: '{'.'.join(keys[:-1])}' is not a section")
-    node[keys[-1]] = parse_override_value(text)
+            node = node[key]
+        else:
+            node = node[key]
 
 
 # ------------------------------------------------------------------------------- cross-checks

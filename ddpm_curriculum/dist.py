@@ -49,23 +49,40 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def parse_device(device: str | None) -> torch.device:
+    """``--device`` as a usable torch device: ``cpu``, ``cuda`` or ``cuda:N`` that exists here; None picks
+    CUDA when available. Anything else (a typo, ``mps``, ``cuda:7`` on a 1-GPU machine) is a UserError."""
+    from .errors import UserError
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise UserError(f"--device {device!r} is not a device this tool runs on; use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {device} requested but CUDA is not available; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise UserError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to "
+                            f"cuda:{count - 1}")
+    return dev
+
+
 def init(device: str | None = None) -> torch.device:
     """Initialise the process group when launched with several processes; return this rank's device.
 
     ``device`` is ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; None picks CUDA when available.
     Under several processes each rank uses ``cuda:LOCAL_RANK``.
     """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        from .errors import UserError
-
-        raise UserError(f"--device {device} requested but CUDA is not available; use --device cpu")
+    dev = parse_device(device)
     if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 and not is_dist():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
-            dev = torch.device("cuda", local_rank())
+            dev = parse_device(f"cuda:{local_rank()}")  # one GPU per local rank: it must exist
             torch.cuda.set_device(dev)
         dist.init_process_group(backend, timeout=timedelta(minutes=30))
     elif dev.type == "cuda" and dev.index is None:

@@ -1,6 +1,7 @@
 """generate.py: per-image noise, images independent of batch size / order / world size, resume, outputs,
 and the script's errors."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -148,6 +149,9 @@ def test_torchrun_two_processes_write_the_same_images(tiny_run, tmp_path):
     assert _files(tmp_path / "one") == _files(tmp_path / "two")  # same batch size: byte-identical PNGs
     manifest = json.loads((tmp_path / "two" / "generate.json").read_text())
     assert manifest["seed"] == 4 and manifest["sampler"]["eta"] == 0.5 and manifest["weights"] == "ema"
+    # both ranks' digests reach the manifest, and they are the digests of the files
+    assert manifest["sha256"] == {n: hashlib.sha256(b).hexdigest() for n, b in _files(tmp_path / "two").items()}
+    assert not list((tmp_path / "two").glob("*.jsonl"))
 
 
 @pytest.mark.parametrize("args, fragment", [

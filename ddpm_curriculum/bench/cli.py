@@ -29,6 +29,7 @@ from functools import partial
 
 import torch
 
+from .. import dist
 from ..config import load_config
 from . import evaluation, modes, train
 from .timing import best, sync, time_interleaved
@@ -253,6 +254,7 @@ def parse_args(argv):
     p.add_argument("--fid-dims", type=int, default=2048)
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    dist.parse_device(args.device)  # an unknown or absent device is a one-line error
     unknown = [x for x in args.parts.split(",") if x not in PARTS]
     if unknown:
         p.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")

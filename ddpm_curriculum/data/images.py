@@ -19,6 +19,8 @@ from torch.utils.data import Dataset
 from ..errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# what PIL raises for a file that is not an image, is truncated or damaged, or is a decompression bomb
+IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 # ddpm-torch's CelebA crop (top, left, height, width) of the 178×218 aligned faces, then resize.
 CELEBA_CROP = (40, 15, 148, 148)
 
@@ -53,6 +55,65 @@ class _Flippable(Dataset):
 CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 
 
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles of Python 3 ``bytes`` use it, and only that use."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r} is not allowed")
+    return text.encode("latin1")
+
+
+def _numpy_global(submodule: str, name: str):
+    # numpy 2 renamed numpy.core to numpy._core (1.26 has both); either spelling in a pickle is this function
+    import importlib
+
+    for package in ("numpy._core", "numpy.core"):
+        try:
+            return getattr(importlib.import_module(f"{package}.{submodule}"), name)
+        except (ImportError, AttributeError):
+            continue
+    raise pickle.UnpicklingError(f"numpy has no {submodule}.{name}")
+
+
+# The only globals a CIFAR-10 python batch needs: numpy array and dtype reconstruction (the original
+# Python 2 files and protocols 2-4 use _reconstruct, protocol 5 _frombuffer) and, for bytes written by
+# Python 3 with protocol 2, latin-1 encoding. Dicts, lists, ints and bytes need no global at all.
+SAFE_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): lambda: _numpy_global("multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"): lambda: _numpy_global("multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"): lambda: _numpy_global("numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"): lambda: _numpy_global("numeric", "_frombuffer"),
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: _latin1_bytes,
+}
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Unpickles arrays, dicts, lists, numbers and bytes; any other global (os.system, builtins.eval, a
+    class with a ``__reduce__``) raises instead of being imported, so a crafted file cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        make = SAFE_PICKLE_GLOBALS.get((module, name))
+        if make is None:
+            raise pickle.UnpicklingError(f"it references {module}.{name}, which a CIFAR-10 batch never holds")
+        return make()
+
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    """One ``cifar-10-batches-py`` file → (uint8 [N, 3, 32, 32], labels), read as data only."""
+    try:
+        with open(path, "rb") as f:
+            batch = _DataOnlyUnpickler(f, encoding="bytes").load()
+        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = [int(v) for v in batch[b"labels"]]
+        if len(labels) != len(data):
+            raise ValueError(f"{len(data)} images but {len(labels)} labels")
+    except Exception as exc:  # data only: truncated, wrong layout, forbidden global, ...
+        raise UserError(f"CIFAR-10 file {path} is malformed ({type(exc).__name__}: "
+                        f"{str(exc)[:200]}); re-download cifar-10-python.tar.gz") from None
+    return data, labels
+
+
 class CIFAR10(_Flippable):
     """The standard ``cifar-10-batches-py`` pickles; ``root`` is that folder or its parent."""
 
@@ -72,14 +133,9 @@ class CIFAR10(_Flippable):
         files = CIFAR_TRAIN if split == "train" else ["test_batch"]
         data, labels = [], []
         for name in files:
-            try:
-                with open(folder / name, "rb") as f:
-                    batch = pickle.load(f, encoding="bytes")
-                data.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-                labels += list(batch[b"labels"])
-            except (OSError, KeyError, ValueError, pickle.UnpicklingError, EOFError) as exc:
-                raise UserError(f"CIFAR-10 file {folder / name} is malformed ({type(exc).__name__}: {exc}); "
-                                f"re-download cifar-10-python.tar.gz") from None
+            images, batch_labels = read_cifar_batch(folder / name)
+            data.append(images)
+            labels += batch_labels
         self.images = np.concatenate(data).transpose(0, 2, 3, 1)  # NHWC uint8
         self.labels, self.random_flip = labels, random_flip
 
@@ -131,7 +187,7 @@ def load_image(path: Path, size: int, crop: tuple[int, int, int, int] | None = N
             if im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)
             return np.array(im, dtype=np.uint8)  # a writable copy
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
+    except IMAGE_ERRORS as exc:
         raise UserError(f"cannot read image {path} ({type(exc).__name__}); remove or replace the file") from None
 
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from .. import dist
-from ..errors import UserError
+from ..errors import UserError, check_output_file
 from ..metrics.inception import BLOCK_DIMS, FID_WEIGHTS_NAME
 from .evaluate import METRICS, EvalSettings, evaluate
 
@@ -102,6 +102,9 @@ def format_table(result: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     settings = settings_from_args(args)
+    for flag, path in (("--json", args.json), ("--save-stats", args.save_stats)):
+        if path:
+            check_output_file(path, flag)
     device = dist.init(args.device)
     try:
         result = evaluate(settings, device)

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from ..data.images import IMAGE_EXTENSIONS
+from ..data.images import IMAGE_ERRORS, IMAGE_EXTENSIONS
 from ..errors import UserError
 
 
@@ -23,6 +23,8 @@ class FolderImages:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+        if self.folder.is_file():
+            raise UserError(f"{self.folder} is a file, not a folder of images; pass its folder, or an .npz file")
         if not self.folder.is_dir():
             raise UserError(f"image folder not found: {self.folder}; pass an existing folder or an .npz file")
         self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
@@ -44,7 +46,7 @@ class FolderImages:
             try:
                 with Image.open(path) as im:
                     shape = (im.size[1], im.size[0], 1 if im.mode == "L" else 3)
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            except IMAGE_ERRORS as exc:
                 raise _unreadable(path, exc) from None
             self._check_shape(path, shape)
 
@@ -58,7 +60,7 @@ class FolderImages:
         try:
             with Image.open(path) as im:
                 arr = np.asarray(im if im.mode == "L" else im.convert("RGB"))
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        except IMAGE_ERRORS as exc:
             raise _unreadable(path, exc) from None
         return arr[..., None] if arr.ndim == 2 else arr
 

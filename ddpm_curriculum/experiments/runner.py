@@ -22,6 +22,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+from ..config import read_jsonl
 from ..errors import UserError
 from ..training import builders
 from ..training.checkpoint import checkpoint_name, latest_checkpoint
@@ -37,9 +38,7 @@ def steps_per_epoch(cfg) -> int:
 
 
 def read_results(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def _train_until(run: RunSpec, run_dir: Path, step: int, threads: int) -> None:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from .. import dist
-from ..errors import UserError
+from ..errors import UserError, check_output_file
 from .samplers import SamplerSpec
 
 
@@ -42,12 +42,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+MAX_SAMPLES = 10 ** 6  # file names have six digits, so name order is index order (eval.py reads sorted names)
+
+
 def _check_args(args) -> None:
     for name in ("num_samples", "batch_size", "ddim_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
+    if args.num_samples > MAX_SAMPLES:
+        raise UserError(f"--num-samples {args.num_samples} exceeds {MAX_SAMPLES} (images are named 000000.png "
+                        f"… 999999.png); generate at most {MAX_SAMPLES} per --save-dir")
+    if args.seed < 0:
+        raise UserError(f"--seed must be ≥ 0, got {args.seed}")
     if args.grid < 0:
         raise UserError(f"--grid must be ≥ 0, got {args.grid}")
+    if args.npz:
+        check_output_file(args.npz, "--npz")
 
 
 def sampler_tag(spec: SamplerSpec, timesteps: int) -> str:
@@ -82,6 +92,8 @@ def main(argv=None) -> int:
                     f"× {dist.world_size()} process(es) on {device} → {save_dir}")
         res = generate_to_folder(net, spec, save_dir, args.num_samples, args.batch_size, args.seed, device,
                                  npz=args.npz, grid=args.grid, progress=not args.no_progress)
+        for note in res.notes:
+            dist.print0(f"note: {note}")
         for label, path in (("npz", res.npz), ("grid", res.grid)):
             if path is not None:
                 dist.print0(f"{label}: {path}")

@@ -4,22 +4,28 @@ Layout of ``save_dir``::
 
     000000.png 000001.png …      image i (uint8; RGB, or L for 1-channel models), a function of (seed, i)
     generate.json                 what produced them (checkpoint, weights, sampler, seed, shape): a rerun with
-                                  other settings is refused instead of mixing images
+                                  other settings is refused instead of mixing images; ``sha256``: the digest
+                                  of every PNG as it was written
+    generate.digests.R.jsonl      while rank R samples: the digests of its images so far (merged into
+                                  generate.json at the end, or by the next run after a kill)
     samples_NxHxWxC.npz           optional: all N images, uint8 NHWC, key ``arr_0`` (ADM / ddpm-torch format)
     preview/grid.png              optional: the first images as a grid (outside the top level, so eval.py,
                                   which reads the top level only, never scores it)
 
 Every PNG is written to a temporary name and renamed, so a killed run leaves only complete files. A rerun
-decodes the existing PNGs and regenerates the missing and unreadable ones; since an image depends only on
-(seed, i), the folder ends up identical to an uninterrupted run, for any batch size or world size.
+keeps the PNGs whose bytes match their recorded digest and regenerates the missing, damaged and replaced ones
+(a manifest from before digests: it keeps every PNG that decodes, and records their digests); since an image
+depends only on (seed, i), the folder ends up identical to an uninterrupted run, for any batch size or world
+size.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -28,12 +34,16 @@ import torch
 from PIL import Image
 
 from .. import dist
+from ..config import read_json_file
+from ..data.images import IMAGE_ERRORS
 from ..errors import UserError
 from .samplers import SamplerSpec, sample_batch, to_uint8
 
 MANIFEST = "generate.json"
 # manifest entries that must match for a rerun to continue a folder (the checkpoint path may move)
 MANIFEST_KEYS = ("fingerprint", "weights", "seed", "image_shape", "sampler")
+DIGESTS = "sha256"  # manifest key: {PNG name: sha256 of the file's bytes as written}
+JOURNAL = "generate.digests.{rank}.jsonl"
 PREVIEW = Path("preview") / "grid.png"
 PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
@@ -58,10 +68,24 @@ def _write_atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_png(path: Path, image: np.ndarray) -> None:
-    """uint8 [H, W, C] → PNG at ``path``, atomically."""
+def write_png(path: Path, image: np.ndarray) -> str:
+    """uint8 [H, W, C] → PNG at ``path``, atomically; returns the sha256 of the bytes written."""
+    import io
+
     img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)  # uint8 → L, RGB or RGBA
-    _write_atomic(path, lambda tmp: img.save(tmp, format="PNG"))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    data = buf.getvalue()
+    _write_atomic(path, lambda tmp: tmp.write_bytes(data))
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_digest(path: Path) -> str | None:
+    """sha256 of the file's bytes, or None when it cannot be read."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def read_png(path: Path, image_shape: Sequence[int]) -> np.ndarray | None:
@@ -72,32 +96,91 @@ def read_png(path: Path, image_shape: Sequence[int]) -> np.ndarray | None:
             if im.size != (w, h) or im.mode != PIL_MODES[c]:
                 return None
             arr = np.asarray(im)  # decodes every row: a truncated file raises here
-    except (OSError, ValueError, SyntaxError):
+    except IMAGE_ERRORS:
         return None
     return arr[..., None] if arr.ndim == 2 else arr
 
 
-def missing_indices(save_dir: Path, indices: Sequence[int], image_shape: Sequence[int]) -> list[int]:
-    """The indices whose PNG is absent, truncated or of the wrong size."""
-    return [i for i in indices if read_png(save_dir / sample_name(i), image_shape) is None]
+def missing_indices(save_dir: Path, indices: Sequence[int], image_shape: Sequence[int],
+                    digests: dict | None = None) -> tuple[list[int], list[int], dict]:
+    """Which of ``indices`` must be (re)generated: (absent or without a recorded digest, present but not the
+    recorded image, digests of the kept PNGs not yet recorded). ``digests`` None (a manifest from before digests): every
+    PNG that decodes with the expected size and mode is kept, and its digest returned for recording."""
+    missing, replaced, found = [], [], {}
+    for i in indices:
+        path = save_dir / sample_name(i)
+        if digests is None:
+            if read_png(path, image_shape) is None:
+                missing.append(i)
+            else:
+                found[path.name] = file_digest(path)
+            continue
+        digest, recorded = file_digest(path), digests.get(path.name)
+        if digest is None or recorded is None:  # absent, or written by a run killed before recording it
+            missing.append(i)
+        elif digest != recorded:
+            replaced.append(i)
+    return missing, replaced, found
 
 
-def _prepare_dir(save_dir: Path, manifest: dict) -> str | None:
-    """Rank 0: create ``save_dir``, refuse foreign contents, write the manifest. Returns an error or None."""
-    save_dir.mkdir(parents=True, exist_ok=True)
+def _read_journals(save_dir: Path) -> dict:
+    """The digests that killed runs' ranks recorded (a torn last line is skipped: its image is regenerated)."""
+    digests = {}
+    for journal in sorted(save_dir.glob(JOURNAL.format(rank="*"))):
+        for line in journal.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict):
+                digests.update({k: v for k, v in entry.items() if isinstance(k, str) and isinstance(v, str)})
+    return digests
+
+
+def _write_manifest(save_dir: Path, manifest: dict) -> None:
+    _write_atomic(save_dir / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
+    for journal in save_dir.glob(JOURNAL.format(rank="*")):  # merged into the manifest now
+        journal.unlink(missing_ok=True)
+
+
+def _prepare_dir(save_dir: Path, manifest: dict) -> tuple[str | None, dict | None]:
+    """Rank 0: create ``save_dir``, refuse foreign contents, write the manifest.
+
+    Returns (an error or None, the recorded digests, or None for a manifest from before digests).
+    """
+    if save_dir.exists() and not save_dir.is_dir():
+        return f"--save-dir {save_dir} is a file, not a folder; choose another --save-dir", None
+    try:
+        save_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create --save-dir {save_dir} ({exc.strerror or exc}); choose a writable folder", None
     for stale in save_dir.glob(".*.tmp*"):  # left by a killed run
         stale.unlink(missing_ok=True)
     path = save_dir / MANIFEST
+    digests: dict | None = {}
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = read_json_file(path, "manifest", MANIFEST)
+            if not isinstance(old, dict):
+                raise UserError(f"manifest {path} is not a JSON object")
+        except UserError as exc:
+            return (f"{exc}; it was not written by this version of generate.py or was edited: delete "
+                    f"{save_dir} or choose another --save-dir"), None
         diff = [k for k in MANIFEST_KEYS if old.get(k) != manifest[k]]
         if diff:
             return (f"{save_dir} holds images generated with other settings ({', '.join(diff)} differ: "
-                    f"{old.get(diff[0])} vs {manifest[diff[0]]}); choose another --save-dir")
+                    f"{old.get(diff[0])} vs {manifest[diff[0]]}); choose another --save-dir"), None
+        if isinstance(old.get(DIGESTS), dict):
+            digests = {**old[DIGESTS], **_read_journals(save_dir)}
+        else:
+            digests = None
     elif any(save_dir.glob("*.png")):
-        return f"{save_dir} already holds PNG files not written by generate.py; choose an empty --save-dir"
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
-    return None
+        return f"{save_dir} already holds PNG files not written by generate.py; choose an empty --save-dir", None
+    try:
+        _write_manifest(save_dir, {**manifest, DIGESTS: digests or {}})
+    except OSError as exc:
+        return f"cannot write to --save-dir {save_dir} ({exc.strerror or exc}); choose a writable folder", None
+    return None, digests
 
 
 @dataclass
@@ -108,6 +191,7 @@ class GenerateResult:
     seconds: float  # wall time of the sampling loop (slowest rank)
     npz: Path | None = None
     grid: Path | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def images_per_sec(self) -> float:
@@ -125,8 +209,8 @@ def network_fingerprint(net) -> str:
     return h.hexdigest()[:16]
 
 
-def _sample_shard(net, spec, indices, seed, batch_size, image_shape, device, save_dir, progress) -> float:
-    """Sample and write this rank's ``indices``; returns the seconds spent."""
+def _sample_shard(net, spec, indices, seed, batch_size, image_shape, device, save_dir, progress) -> tuple[float, dict]:
+    """Sample and write this rank's ``indices``; returns (the seconds spent, the digests of the PNGs)."""
     from tqdm.auto import tqdm
 
     model = net.model.to(device).eval()
@@ -134,15 +218,19 @@ def _sample_shard(net, spec, indices, seed, batch_size, image_shape, device, sav
         model = model.to(memory_format=torch.channels_last)
     bar = tqdm(total=len(indices), unit="img", desc=f"sampling (rank 0 of {dist.world_size()})",
                disable=not (progress and dist.is_main()), dynamic_ncols=True)
+    digests = {}
     start = time.perf_counter()
-    for lo in range(0, len(indices), batch_size):
-        batch = indices[lo:lo + batch_size]
-        images = to_uint8(sample_batch(net.diffusion, model, spec, batch, seed, image_shape, device)).numpy()
-        for i, image in zip(batch, images):
-            write_png(save_dir / sample_name(i), image)
-        bar.update(len(batch))
+    with open(save_dir / JOURNAL.format(rank=dist.rank()), "a") as journal:
+        for lo in range(0, len(indices), batch_size):
+            batch = indices[lo:lo + batch_size]
+            images = to_uint8(sample_batch(net.diffusion, model, spec, batch, seed, image_shape, device)).numpy()
+            written = {sample_name(i): write_png(save_dir / sample_name(i), image) for i, image in zip(batch, images)}
+            journal.write(json.dumps(written) + "\n")  # after the renames: a listed PNG is complete
+            journal.flush()
+            digests.update(written)
+            bar.update(len(batch))
     bar.close()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, digests
 
 
 def generate_to_folder(net, spec: SamplerSpec, save_dir, num_samples: int, batch_size: int, seed: int,
@@ -163,20 +251,35 @@ def generate_to_folder(net, spec: SamplerSpec, save_dir, num_samples: int, batch
     manifest = {"checkpoint": str(net.source), "step": net.step, "weights": net.weights,
                 "fingerprint": network_fingerprint(net), "seed": seed, "image_shape": list(shape),
                 "sampler": spec.to_dict(), "num_samples": num_samples}
-    error = _prepare_dir(save_dir, manifest) if dist.is_main() else None
-    error = dist.broadcast_object(error)
+    error, digests = _prepare_dir(save_dir, manifest) if dist.is_main() else (None, None)
+    error, digests = dist.broadcast_object((error, digests))
     if error:
         raise UserError(error)
 
     rank, world = dist.rank(), dist.world_size()
-    found = dist.all_gather_object(missing_indices(save_dir, range(rank, num_samples, world), shape))
-    missing = sorted(i for part in found for i in part)
-    seconds = _sample_shard(net, spec, shard(missing, rank, world), seed, batch_size, shape, device, save_dir,
-                            progress)
+    found = dist.all_gather_object(missing_indices(save_dir, range(rank, num_samples, world), shape, digests))
+    missing = sorted(i for part in found for i in part[0] + part[1])
+    replaced = sorted(i for part in found for i in part[1])
+    seconds, written = _sample_shard(net, spec, shard(missing, rank, world), seed, batch_size, shape, device,
+                                     save_dir, progress)
     seconds = max(dist.all_gather_object(seconds))
+    written = dist.all_gather_object(written)
     result = GenerateResult(save_dir, num_samples, len(missing), seconds)
+    if digests is None:
+        result.notes.append(f"{MANIFEST} predates per-image digests: the existing PNGs were checked by decoding "
+                            f"only; their digests are recorded now")
+    if replaced:
+        names = ", ".join(sample_name(i) for i in replaced[:5]) + (" …" if len(replaced) > 5 else "")
+        result.notes.append(f"{len(replaced)} PNG(s) did not match the digest recorded when they were written "
+                            f"and were regenerated: {names}")
     dist.barrier()
     if dist.is_main():
+        recorded = dict(digests or {})
+        for part in found:
+            recorded.update(part[2])
+        for part in written:
+            recorded.update(part)
+        _write_manifest(save_dir, {**manifest, DIGESTS: dict(sorted(recorded.items()))})
         if npz is not None:
             result.npz = write_npz(save_dir, num_samples, shape, Path(npz) if npz else None)
         if grid > 0:

@@ -11,12 +11,12 @@ Reads ``metrics.jsonl``, ``transitions.jsonl`` and ``structured_sparsity.jsonl``
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
+from ..config import read_jsonl
 from ..errors import UserError
 
 
@@ -29,12 +29,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
