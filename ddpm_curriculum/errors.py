@@ -55,6 +55,7 @@ def interrupt_note(note: str):
         exc.note = exc.note or note
         raise
 
+
 def check_output_file(path, flag: str) -> None:
     """Before the work, not after it: ``path`` (an output file option) must not be a folder, and its folder
     must exist or be creatable."""
