@@ -26,13 +26,14 @@ the adjusted p decides). Every other number in a report is an estimate without a
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from scipy import stats
+
+from ..config import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -122,11 +123,8 @@ def drawn_per_t_bin(metrics_path: Path, step: int) -> list[int] | None:
     de-duplicated by step (a resumed run rewrites the lines after its checkpoint). None when the log
     predates the field.
     """
-    if not metrics_path.is_file():
-        return None
     by_step = {}
-    for line in metrics_path.read_text().splitlines():
-        rec = json.loads(line) if line.strip() else {}
+    for rec in read_jsonl(metrics_path):
         if "samples_per_t_bin" in rec and rec.get("step", math.inf) <= step:
             by_step[rec["step"]] = rec["samples_per_t_bin"]
     if not by_step:
