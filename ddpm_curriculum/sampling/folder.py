@@ -17,7 +17,6 @@ decodes the existing PNGs and regenerates the missing and unreadable ones; since
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from PIL import Image
 
 from .. import dist
+from ..atomic import atomic_write
 from ..errors import UserError
 from .samplers import SamplerSpec, sample_batch, to_uint8
 
@@ -47,21 +47,11 @@ def shard(indices: Sequence[int], rank: int, world: int) -> list[int]:
     return list(indices[rank::world])
 
 
-def _write_atomic(path: Path, write) -> None:
-    # temp name + rename: a crash leaves no partial file under the final name. No fsync (50k files would
-    # crawl); after a power loss a damaged PNG fails the decode check on resume and is regenerated.
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_png(path: Path, image: np.ndarray) -> None:
-    """uint8 [H, W, C] → PNG at ``path``, atomically."""
+    """uint8 [H, W, C] → PNG at ``path``, atomically. Not fsynced (50k files would crawl): after a power loss
+    a damaged PNG fails the decode check on resume and is regenerated."""
     img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)  # uint8 → L, RGB or RGBA
-    _write_atomic(path, lambda tmp: img.save(tmp, format="PNG"))
+    atomic_write(path, lambda f: img.save(f, format="PNG"), durable=False)
 
 
 def read_png(path: Path, image_shape: Sequence[int]) -> np.ndarray | None:
@@ -96,7 +86,7 @@ def _prepare_dir(save_dir: Path, manifest: dict) -> str | None:
                     f"{old.get(diff[0])} vs {manifest[diff[0]]}); choose another --save-dir")
     elif any(save_dir.glob("*.png")):
         return f"{save_dir} already holds PNG files not written by generate.py; choose an empty --save-dir"
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
+    atomic_write(path, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
     return None
 
 
@@ -204,11 +194,7 @@ def write_npz(save_dir: Path, num_samples: int, image_shape: Sequence[int], path
         path = path.with_name(path.name + ".npz")
     arr = load_folder(save_dir, num_samples, image_shape)
     path.parent.mkdir(parents=True, exist_ok=True)
-    def save(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temp name
-            np.savez(f, arr_0=arr)
-
-    _write_atomic(path, save)
+    atomic_write(path, lambda f: np.savez(f, arr_0=arr))  # a file object: numpy appends no ".npz"
     return path
 
 
