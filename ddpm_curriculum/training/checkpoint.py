@@ -154,14 +154,15 @@ ENTRY_KINDS = {
         isinstance(e, dict) and isinstance(e.get("pattern"), torch.Tensor) and isinstance(e.get("values"), torch.Tensor)
         and isinstance(e.get("shape"), (list, tuple)) for e in v.values()),
 }
-# Entries a training checkpoint needs to resume, and those it may have (absent or None allowed).
-TRAINING_ENTRIES = {"model": "state dict of tensors", "config": "dict", "step": "integer ≥ 0",
-                    "optimizer": "optimizer state dict", "scheduler": "dict", "scaler": "dict"}
+# Entries every checkpoint of this project has (training, pruned.pt), those a resume needs as well, and
+# those it may have (absent or None allowed; checked when present).
+NETWORK_ENTRIES = {"model": "state dict of tensors", "config": "dict"}
+TRAINING_ENTRIES = {**NETWORK_ENTRIES, "step": "integer ≥ 0", "optimizer": "optimizer state dict",
+                    "scheduler": "dict", "scaler": "dict"}
 TRAINING_OPTIONAL = {"ema": "state dict of tensors", "ema_num_updates": "integer ≥ 0", "stage_entered": "integer",
                      "pacing": "dict", "extensions": "dict", "rng": "list of per-rank RNG states",
                      "masks": "state dict of tensors"}
-# What load_network reads from this project's checkpoints (training, pruned.pt) and from N:M compact files.
-NETWORK_ENTRIES = {"model": "state dict of tensors", "config": "dict"}
+# What load_network reads from this project's checkpoints and from N:M compact files.
 NETWORK_OPTIONAL = {"ema": "state dict of tensors", "step": "integer ≥ 0", "masks": "state dict of tensors",
                     "extensions": "dict"}
 COMPACT_ENTRIES = {"config": "dict", "dense": "state dict of tensors", "nm": "dict of N:M layers",
@@ -195,11 +196,13 @@ def check_entries(state, source: Path, required: dict, optional: dict | None = N
             raise UserError(f"{source}: entry '{name}' {what}, not {_a(kind)}; {fix}")
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a training checkpoint safely (tensors and plain containers only) and check its entries."""
+def load_checkpoint(path: str | Path, for_resume: bool = False) -> dict:
+    """Load a checkpoint of this project safely (tensors and plain containers only) and check its entries:
+    'model' and 'config', the types of the others present, and with ``for_resume`` all a resume needs."""
     path = resolve_checkpoint(path)
     state = _torch_load(path)
-    check_entries(state, path, TRAINING_ENTRIES, TRAINING_OPTIONAL)
+    check_entries(state, path, TRAINING_ENTRIES if for_resume else NETWORK_ENTRIES,
+                  {**TRAINING_ENTRIES, **TRAINING_OPTIONAL})
     if state.get("ema") is not None:
         unexpected, missing, wrong = state_mismatch(state["model"], state["ema"])
         if unexpected or missing or wrong:

@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 
 from .. import dist
+from ..atomic import remove_stale_temps
 from ..config import Config, config_from_dict, load_config
 from ..errors import UserError
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .plan import build_plan, curriculum_layout, total_steps
+from .runlock import lock_run_dir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,6 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rigid-launch", action="store_true", help="with --num-gpus: spawn instead of torchrun")
     p.add_argument("--stop-at-step", type=int, help="checkpoint and stop after this global step")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--force-unlock", action="store_true",
+                   help="take over the run directory's train.lock even if its holder may be alive")
     return p.parse_args(argv)
 
 
@@ -148,14 +152,18 @@ def worker(args, cfg_dict: dict, run_dir: str, resume: bool) -> int:
     from .trainer import CurriculumTrainer, TrainingDiverged
 
     device = dist.init(args.device)
+    lock = None
     try:
         cfg = config_from_dict(cfg_dict)
         trainer_cls = CurriculumTrainer
         if cfg.mode == "prune" and cfg.maskpro.phase == "learn":
             from ..pruning.learn import MaskProTrainer as trainer_cls
-        state = load_checkpoint(args.resume or run_dir) if resume else None
+        state = load_checkpoint(args.resume or run_dir, for_resume=True) if resume else None
         run_dir = Path(dist.broadcast_object(str(run_dir)))
+        lock = lock_run_dir(run_dir, args.force_unlock)  # one training per run directory; rank 0 holds it
         if dist.is_main():
+            if removed := remove_stale_temps(run_dir / "checkpoints"):  # killed saves'; no writer but us
+                print(f"note: removed {len(removed)} temporary file(s) of interrupted checkpoint saves")
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         dist.print0(f"mode {cfg.mode}, world size {dist.world_size()}, device {device}, run dir {run_dir}")
@@ -171,6 +179,8 @@ def worker(args, cfg_dict: dict, run_dir: str, resume: bool) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
+        if lock is not None:
+            lock.release()
         dist.cleanup()
 
 
