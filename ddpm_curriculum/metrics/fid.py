@@ -18,6 +18,7 @@ import scipy.linalg
 import torch
 
 from .. import dist
+from ..atomic import atomic_write
 from ..errors import UserError
 
 
@@ -109,19 +110,11 @@ class FeatureStats:
 
 def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, **extra) -> Path:
     """Write ``mu``/``sigma`` (the TTUR / pytorch-fid ``.npz`` format) plus ``extra`` arrays, atomically."""
-    import os
-
     path = Path(path)
     if path.suffix != ".npz":
         path = path.with_name(path.name + ".npz")  # np.savez would append it anyway
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-    try:
-        np.savez(tmp, mu=mu, sigma=sigma, **extra)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, **extra))
 
 
 def load_stats(path: str | Path) -> dict:

@@ -11,7 +11,6 @@ pool branch is a *max* pool. BatchNorm eps 0.001. Input: images in [0, 1] → bi
 from __future__ import annotations
 
 import hashlib
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic import atomic_write
 from ..errors import UserError
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -230,22 +230,20 @@ def download_weights(dest: Path, timeout_sec: float = 30.0) -> Path:
     """Fetch the published weights to ``dest`` (temporary file, sha256 prefix check, rename)."""
     import urllib.request
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    try:
+    def fetch(f) -> None:
         sha = hashlib.sha256()
-        with urllib.request.urlopen(FID_WEIGHTS_URL, timeout=timeout_sec) as resp, open(tmp, "wb") as f:
+        with urllib.request.urlopen(FID_WEIGHTS_URL, timeout=timeout_sec) as resp:
             while chunk := resp.read(1 << 20):
                 sha.update(chunk)
                 f.write(chunk)
         if not sha.hexdigest().startswith(FID_WEIGHTS_SHA256_PREFIX):
             raise UserError(_missing_weights_message("the download's checksum is wrong"))
-        os.replace(tmp, dest)
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return atomic_write(dest, fetch)
     except OSError as exc:  # URLError, timeouts and disk errors are all OSErrors
         raise UserError(_missing_weights_message(f"offline? download failed: {exc}")) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest
 
 
 def find_weights(path: str | Path | None = None, download: bool = True) -> Path:

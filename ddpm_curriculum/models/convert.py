@@ -398,11 +398,21 @@ def _unet_dir(path: Path) -> Path | None:
     return None
 
 
+def _read_json_dict(path: Path) -> dict:
+    try:
+        conf = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"cannot read {path} ({exc}); the diffusers folder is incomplete, download it again") from None
+    if not isinstance(conf, dict):
+        raise UserError(f"{path} holds a JSON {type(conf).__name__}, not an object; download the folder again")
+    return conf
+
+
 def _scheduler_config(unet_dir: Path) -> dict | None:
     for p in (unet_dir / "scheduler_config.json", unet_dir / "scheduler" / "scheduler_config.json",
               unet_dir.parent / "scheduler" / "scheduler_config.json"):
         if p.is_file():
-            return json.loads(p.read_text())
+            return _read_json_dict(p)
     return None
 
 
@@ -430,7 +440,7 @@ def import_diffusers(path: str | Path) -> ImportedNetwork:
     if unet_dir is None:
         raise UserError(f"{path} is not a diffusers model folder (need config.json and one of "
                         f"{', '.join(DIFFUSERS_WEIGHT_FILES[:2])})")
-    conf = json.loads((unet_dir / "config.json").read_text())
+    conf = _read_json_dict(unet_dir / "config.json")
     if conf.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise UserError(f"{unet_dir / 'config.json'} describes a {conf['_class_name']}; only UNet2DModel "
                         f"(the DDPM UNet) can be imported")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from PIL import Image
 
 from .. import dist
+from ..atomic import atomic_write
 from ..config import read_json_file
 from ..data.images import IMAGE_ERRORS
 from ..errors import UserError
@@ -57,26 +57,16 @@ def shard(indices: Sequence[int], rank: int, world: int) -> list[int]:
     return list(indices[rank::world])
 
 
-def _write_atomic(path: Path, write) -> None:
-    # temp name + rename: a crash leaves no partial file under the final name. No fsync (50k files would
-    # crawl); after a power loss a damaged PNG fails the decode check on resume and is regenerated.
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_png(path: Path, image: np.ndarray) -> str:
-    """uint8 [H, W, C] → PNG at ``path``, atomically; returns the sha256 of the bytes written."""
+    """uint8 [H, W, C] → PNG at ``path``, atomically; returns the sha256 of the bytes written. Not fsynced
+    (50k files would crawl): after a power loss a damaged PNG fails its digest on resume and is regenerated."""
     import io
 
     img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)  # uint8 → L, RGB or RGBA
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     data = buf.getvalue()
-    _write_atomic(path, lambda tmp: tmp.write_bytes(data))
+    atomic_write(path, lambda f: f.write(data), durable=False)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -138,7 +128,7 @@ def _read_journals(save_dir: Path) -> dict:
 
 
 def _write_manifest(save_dir: Path, manifest: dict) -> None:
-    _write_atomic(save_dir / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
+    atomic_write(save_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
     for journal in save_dir.glob(JOURNAL.format(rank="*")):  # merged into the manifest now
         journal.unlink(missing_ok=True)
 
@@ -307,11 +297,7 @@ def write_npz(save_dir: Path, num_samples: int, image_shape: Sequence[int], path
         path = path.with_name(path.name + ".npz")
     arr = load_folder(save_dir, num_samples, image_shape)
     path.parent.mkdir(parents=True, exist_ok=True)
-    def save(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temp name
-            np.savez(f, arr_0=arr)
-
-    _write_atomic(path, save)
+    atomic_write(path, lambda f: np.savez(f, arr_0=arr))  # a file object: numpy appends no ".npz"
     return path
 
 

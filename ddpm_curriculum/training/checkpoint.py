@@ -6,14 +6,16 @@ Layout in a run directory::
     checkpoints/ckpt_00001024.json   sidecar: step, epoch, stage, mode (readable without torch)
     checkpoints/latest               name of the newest complete checkpoint
 
-A checkpoint file is written to a temporary name, flushed and renamed, and only then is ``latest``
-replaced (also by rename), so a crash at any moment leaves the previous checkpoint usable.
+A checkpoint file is written with the one atomic writer (``ddpm_curriculum/atomic.py``: temporary name,
+fsync, rename, fsync of the directory), and only then is ``latest`` replaced (also by rename), so a crash at any
+moment leaves the previous checkpoint usable. Pruning to ``train.keep_checkpoints`` goes by step and never
+removes the checkpoint just written or the one ``latest`` names. Loading checks every entry the reader uses
+(``check_entries``): a missing or mistyped one is a one-line UserError naming the file and the entry.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic import atomic_write
 from ..errors import UserError
-from ..models.convert import (describe_mismatch, import_ddpm_torch, import_diffusers, is_ddpm_torch,
-                              is_diffusers_folder, state_mismatch)
+from ..models.convert import (DIFFUSERS_WEIGHT_FILES, describe_mismatch, import_ddpm_torch, import_diffusers,
+                              is_ddpm_torch, is_diffusers_folder, state_mismatch)
 from ..pruning.masks import apply_masks
 from ..pruning.nm import import_compact, is_compact
 
@@ -31,43 +34,58 @@ FORMAT_VERSION = 1
 LATEST = "latest"
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def atomic_torch_save(path: Path, obj) -> None:
     """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written ``path``."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def checkpoint_name(step: int) -> str:
     return f"ckpt_{step:08d}.pt"
 
 
+CHECKPOINT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
+
+
 def save_checkpoint(ckpt_dir: Path, state: dict, sidecar: dict, keep: int = 0) -> Path:
     """Write ``state`` atomically, then its JSON sidecar, then the ``latest`` pointer.
 
-    ``keep`` > 0 deletes all but the ``keep`` newest checkpoints afterwards.
+    ``keep`` > 0 then deletes all but the ``keep`` checkpoints of highest step, never the one just written.
     """
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / checkpoint_name(state["step"])
-    _atomic_write(path, lambda f: torch.save(state, f))
-    _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(sidecar, indent=2).encode()))
-    _atomic_write(ckpt_dir / LATEST, lambda f: f.write(path.name.encode()))
+    atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(sidecar, indent=2).encode()))
+    atomic_write(ckpt_dir / LATEST, lambda f: f.write(path.name.encode()))
     if keep > 0:
-        for old in sorted(ckpt_dir.glob("ckpt_*.pt"))[:-keep]:
-            old.unlink(missing_ok=True)
-            old.with_suffix(".json").unlink(missing_ok=True)
+        prune_checkpoints(ckpt_dir, keep, protect=path)
     return path
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int, protect: Path) -> list[Path]:
+    """Delete checkpoints (and sidecars) beyond the ``keep`` of highest step, by step number, not name.
+
+    ``protect`` (the checkpoint just written) and the one ``latest`` names always stay and count towards
+    ``keep``: after a resume from an earlier step the newest file is not the one of highest step.
+    """
+    pointer = ckpt_dir / LATEST
+    protected = {protect.name, _read_pointer(pointer) if pointer.is_file() else protect.name}
+    by_step = sorted(((int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name))),
+                     reverse=True)
+    others = [p for _, p in by_step if p.name not in protected]
+    removed = others[max(0, keep - (len(by_step) - len(others))):]
+    for old in removed:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".json").unlink(missing_ok=True)
+    return removed
+
+
+def _read_pointer(pointer: Path) -> str:
+    try:
+        return pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {pointer} ({exc}); it should hold a checkpoint file name; pass one of "
+                        f"the checkpoint files instead") from None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -75,10 +93,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     pointer = Path(run_dir) / "checkpoints" / LATEST
     if not pointer.is_file():
         return None
-    path = pointer.parent / pointer.read_text().strip()
+    name = _read_pointer(pointer)
+    path = pointer.parent / name
+    if not CHECKPOINT_RE.match(name):
+        raise UserError(f"{pointer} holds {name[:80]!r}, not a checkpoint name like {checkpoint_name(0)}; pass "
+                        f"one of the checkpoint files instead")
     if not path.is_file():
-        raise UserError(f"{pointer} names {path.name}, which is missing; "
-                        f"resume from an existing file with --resume PATH")
+        raise UserError(f"{pointer} names {name}, which is missing; pass one of the checkpoint files instead")
     return path
 
 
@@ -89,6 +110,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         found = latest_checkpoint(path)
         if found is None and (path / "pruned.pt").is_file():
             raise UserError(f"{path} is a prune.py output folder, not a run directory; pass {path / 'pruned.pt'}")
+        if found is None and any((d / "config.json").is_file() for d in (path, path / "unet")):
+            raise UserError(f"{path} has a config.json but no weights file, so it is not a complete diffusers "
+                            f"folder (need one of {', '.join(DIFFUSERS_WEIGHT_FILES)}); download it again")
         if found is None:
             raise UserError(f"no checkpoint in {path / 'checkpoints'}; pass a checkpoint file or a run "
                             f"directory that has one")
@@ -104,6 +128,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _torch_load(path: Path):
+    if path.stat().st_size == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes; an interrupted copy?); pass a complete file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, wrong format, pickled code, ...
@@ -112,12 +138,84 @@ def _torch_load(path: Path):
                         f"checkpoint): {msg[:200]}") from None
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint safely (tensors and plain containers only)."""
+def _is_state_dict(v) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, torch.Tensor) for k, x in v.items())
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# What a checkpoint entry must be: kind → test. Entries are declared as {name: kind} below.
+ENTRY_KINDS = {
+    "state dict of tensors": _is_state_dict,
+    "dict": lambda v: isinstance(v, dict),
+    "integer ≥ 0": lambda v: _is_int(v) and v >= 0,
+    "integer": _is_int,
+    "string": lambda v: isinstance(v, str),
+    "optimizer state dict": lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+    and isinstance(v.get("param_groups"), list),
+    "list of per-rank RNG states": lambda v: isinstance(v, list) and all(
+        isinstance(r, dict) and isinstance(r.get("cpu"), torch.Tensor) and r["cpu"].dtype == torch.uint8 for r in v),
+    "dict of N:M layers": lambda v: isinstance(v, dict) and all(
+        isinstance(e, dict) and isinstance(e.get("pattern"), torch.Tensor) and isinstance(e.get("values"), torch.Tensor)
+        and isinstance(e.get("shape"), (list, tuple)) for e in v.values()),
+}
+# Entries every checkpoint of this project has (training, pruned.pt), those a resume needs as well, and
+# those it may have (absent or None allowed; checked when present).
+NETWORK_ENTRIES = {"model": "state dict of tensors", "config": "dict"}
+TRAINING_ENTRIES = {**NETWORK_ENTRIES, "step": "integer ≥ 0", "optimizer": "optimizer state dict",
+                    "scheduler": "dict", "scaler": "dict"}
+TRAINING_OPTIONAL = {"ema": "state dict of tensors", "ema_num_updates": "integer ≥ 0", "stage_entered": "integer",
+                     "pacing": "dict", "extensions": "dict", "rng": "list of per-rank RNG states",
+                     "masks": "state dict of tensors"}
+# What load_network reads from this project's checkpoints and from N:M compact files.
+NETWORK_OPTIONAL = {"ema": "state dict of tensors", "step": "integer ≥ 0", "masks": "state dict of tensors",
+                    "extensions": "dict"}
+COMPACT_ENTRIES = {"config": "dict", "dense": "state dict of tensors", "nm": "dict of N:M layers",
+                   "m": "integer ≥ 0", "order": "string"}
+COMPACT_OPTIONAL = {"step": "integer ≥ 0"}
+
+
+def _a(kind: str) -> str:
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
+def _what(v) -> str:
+    return _a(type(v).__name__) + (f" ({v!r:.40})" if isinstance(v, (str, int, float)) else "")
+
+
+def check_entries(state, source: Path, required: dict, optional: dict | None = None) -> None:
+    """One-line UserError naming ``source`` and the first missing or mistyped entry of ``state``."""
+    fix = "the file is damaged or was not written by this project; pass another checkpoint"
+    if not isinstance(state, dict):
+        raise UserError(f"{source} holds {_what(state)}, not a checkpoint dict; {fix}")
+    for name, kind in {**required, **(optional or {})}.items():
+        if name not in state or (state[name] is None and name not in required):
+            if name in required:
+                raise UserError(f"{source} has no '{name}' entry ({_a(kind)}); {fix}")
+            continue
+        value = state[name]
+        if not ENTRY_KINDS[kind](value):
+            bad = next((k for k, x in value.items() if not isinstance(x, torch.Tensor)), None) \
+                if kind == "state dict of tensors" and isinstance(value, dict) else None
+            what = f"has {bad!r:.60} = {_what(value[bad])}" if bad is not None else f"is {_what(value)}"
+            raise UserError(f"{source}: entry '{name}' {what}, not {_a(kind)}; {fix}")
+
+
+def load_checkpoint(path: str | Path, for_resume: bool = False) -> dict:
+    """Load a checkpoint of this project safely (tensors and plain containers only) and check its entries:
+    'model' and 'config', the types of the others present, and with ``for_resume`` all a resume needs."""
     path = resolve_checkpoint(path)
     state = _torch_load(path)
-    if not isinstance(state, dict) or "model" not in state:
-        raise UserError(f"{path} is not a ddpm-curriculum checkpoint (no 'model' entry)")
+    check_entries(state, path, TRAINING_ENTRIES if for_resume else NETWORK_ENTRIES,
+                  {**TRAINING_ENTRIES, **TRAINING_OPTIONAL})
+    if state.get("ema") is not None:
+        unexpected, missing, wrong = state_mismatch(state["model"], state["ema"])
+        if unexpected or missing or wrong:
+            raise UserError(f"{path}: entry 'ema' does not match 'model' "
+                            f"({describe_mismatch(unexpected, missing, [k for k, *_ in wrong])}); the file is "
+                            f"damaged; resume from another checkpoint")
     return state
 
 
@@ -154,15 +252,20 @@ class _RawNetwork:
 
 
 def _read_project(state: dict, use_ema: bool, source: Path) -> _RawNetwork:
+    check_entries(state, source, NETWORK_ENTRIES, NETWORK_OPTIONAL)
     weights = "ema" if use_ema and state.get("ema") is not None else "model"
     # pruned.pt and MaskPro checkpoints store "masks"; masked fine-tuning keeps them in its extension state
-    masks = state.get("masks") or ((state.get("extensions") or {}).get("masked_finetune") or {}).get("masks")
-    return _RawNetwork(state["config"], state[weights], int(state.get("step", 0)), weights, masks)
+    finetune = (state.get("extensions") or {}).get("masked_finetune")
+    check_entries({"extensions.masked_finetune": finetune}, source, {}, {"extensions.masked_finetune": "dict"})
+    masks = state.get("masks") or (finetune or {}).get("masks")
+    check_entries({"masks": masks}, source, {}, {"masks": "state dict of tensors"})
+    return _RawNetwork(state["config"], state[weights], state.get("step") or 0, weights, masks)
 
 
 def _read_compact(state: dict, use_ema: bool, source: Path) -> _RawNetwork:
+    check_entries(state, source, COMPACT_ENTRIES, COMPACT_OPTIONAL)
     sd, masks = import_compact(state)
-    return _RawNetwork(state["config"], sd, int(state.get("step", 0)), "model", masks)
+    return _RawNetwork(state["config"], sd, state.get("step") or 0, "model", masks)
 
 
 def _imported_config(imported) -> dict:
@@ -181,7 +284,8 @@ def _read_ddpm_torch(state: dict, use_ema: bool, source: Path) -> _RawNetwork:
 # Checkpoint files load_network understands, tried in order: (name, detect(state), read(state, use_ema, path)).
 NETWORK_FORMATS = [
     ("nm-compact", is_compact, _read_compact),
-    ("ddpm-curriculum", lambda s: isinstance(s, dict) and "config" in s and "model" in s, _read_project),
+    ("ddpm-curriculum", lambda s: isinstance(s, dict) and ("format_version" in s or {"config", "model"} <= s.keys()),
+     _read_project),
     ("ddpm-torch", is_ddpm_torch, _read_ddpm_torch),
 ]
 
@@ -195,6 +299,8 @@ def _read_network(path: Path, use_ema: bool) -> tuple[_RawNetwork, str, Path]:
     for name, detect, read in NETWORK_FORMATS:
         if detect(state):
             return read(state, use_ema, source), name, source
+    if not isinstance(state, dict) or "config" in state:  # no checkpoint at all, or one of ours lacking an entry
+        check_entries(state, source, NETWORK_ENTRIES)
     raise UserError(f"{source} has no stored config, so its network cannot be rebuilt; pass a checkpoint "
                     f"written by train_curriculum.py or prune.py, a ddpm-torch .pt or a diffusers folder")
 

@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 
 from .. import dist
+from ..atomic import remove_stale_temps
 from ..config import Config, config_from_dict, load_config
 from ..errors import UserError
 from ..metrics.bayes import feature_window_lines
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .plan import build_plan, curriculum_layout, total_steps
+from .runlock import lock_run_dir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads per process (default: torch's, i.e. OMP_NUM_THREADS or one per core; "
                         "on a shared machine use fewer, e.g. 1)")
+    p.add_argument("--force-unlock", action="store_true",
+                   help="take over the run directory's train.lock even if its holder may be alive")
     args = p.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads {args.threads}: need at least 1")
@@ -209,14 +213,19 @@ def worker(args, cfg_dict: dict, run_dir: str, resume: bool) -> int:
     from .trainer import CurriculumTrainer, TrainingDiverged
 
     device = dist.init(args.device)
+    lock = None
     try:
         cfg = config_from_dict(cfg_dict)
         trainer_cls = CurriculumTrainer
         if cfg.mode == "prune" and cfg.maskpro.phase == "learn":
             from ..pruning.learn import MaskProTrainer as trainer_cls
-        state = load_checkpoint(args.resume or run_dir) if resume else None
+        state = load_checkpoint(args.resume or run_dir, for_resume=True) if resume else None
         run_dir = Path(dist.broadcast_object(str(run_dir)))
         threads = dist.set_threads(args.threads)
+        lock = lock_run_dir(run_dir, args.force_unlock)  # one training per run directory; rank 0 holds it
+        # temp files of killed saves: with the lock held, no other writer can own them
+        if dist.is_main() and (removed := remove_stale_temps(run_dir / "checkpoints")):
+            print(f"note: removed {len(removed)} temporary file(s) of interrupted checkpoint saves")
         dist.print0(f"mode {cfg.mode}, world size {dist.world_size()}, device {device}, run dir {run_dir}")
         dist.print0(f"CPU threads per process: {threads}" + ("" if args.threads else
                     " (torch's default; on a busy machine --threads 1 is often much faster)"))
@@ -235,6 +244,8 @@ def worker(args, cfg_dict: dict, run_dir: str, resume: bool) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
+        if lock is not None:
+            lock.release()
         dist.cleanup()
 
 
