@@ -373,7 +373,7 @@ def test_attention_level_blocks_are_res_attn():
 
 
 @pytest.mark.parametrize("name, kwargs, match", [
-    ("resnet", {}, r"unknown model 'resnet'; valid names: sparse_unet, unet"),
+    ("resnet", {}, r"unknown model 'resnet'; valid names: decoder_sparse_unet, sparse_unet, unet"),
     ("sparse_unet", {"hidden": 64}, r"unknown argument\(s\) hidden .*valid arguments: in_channels, hid_channels"),
     ("unet", {"hidden": 64}, r"unknown argument\(s\) hidden .*valid arguments: in_channels, hid_channels"),
     ("unet", {"ch_multipliers": (1, 2), "apply_attn": (False, True, False)}, r"apply_attn has 3 entries"),
