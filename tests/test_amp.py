@@ -51,6 +51,13 @@ def test_bf16_on_a_cpu_without_native_bf16_is_refused(tmp_path, monkeypatch):
     CurriculumTrainer(tiny_cfg(), tmp_path, CPU, progress=False)  # fp32 is unaffected
 
 
+def test_the_capability_check_needs_bf16_instructions_not_just_avx512():
+    onednn = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert not trainer_module.cpu_bf16_supported({"avx512f", "avx512bw", "avx512vl", "avx512dq"})  # emulated only
+    assert trainer_module.cpu_bf16_supported({"avx512f", "amx_bf16"}) == onednn
+    assert trainer_module.cpu_bf16_supported({"avx512_bf16"}) == onednn
+
+
 def test_fp16_on_cpu_is_refused_and_points_to_bf16(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "cpu_bf16_supported", lambda: True)
     with pytest.raises(UserError, match=r"'fp16' needs CUDA.*train.amp=bf16"):

@@ -44,11 +44,27 @@ def _fmt(value: float) -> str:
     return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.3e}"
 
 
-def cpu_bf16_supported() -> bool:
-    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16/AMX, or AVX512 emulation it accepts).
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # /proc/cpuinfo: x86 AVX512-BF16, AMX-BF16; Arm BF16
+
+
+def _cpu_flags() -> set[str] | None:
+    """The CPU feature flags of /proc/cpuinfo (x86 ``flags``, Arm ``Features``); None where it cannot be read."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return {f for ln in lines if ln.startswith(("flags", "Features")) for f in ln.partition(":")[2].split()}
+
+
+def cpu_bf16_supported(flags: set[str] | None = None) -> bool:
+    """Whether this CPU runs bf16 natively: oneDNN has bf16 kernels for it and, where the feature flags can be read,
+    it has bf16 instructions (oneDNN also accepts plain AVX-512, where it emulates bf16, slower than fp32).
 
     A capability check, not a CPU-name list; tests replace it to simulate a CPU without bf16."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    flags = _cpu_flags() if flags is None else flags
+    return flags is None or bool(flags & NATIVE_BF16_FLAGS)
 
 
 class TrainingDiverged(RuntimeError):
@@ -117,8 +133,8 @@ class CurriculumTrainer:
             return
         if kind == "cpu" and amp == "bf16":
             if not cpu_bf16_supported():
-                raise UserError("'train.amp' = 'bf16' needs a CPU with native bf16 (oneDNN reports none on this "
-                                "one, so it would be far slower than fp32); set train.amp=none")
+                raise UserError("'train.amp' = 'bf16' needs a CPU with native bf16 (AVX512-BF16, AMX-BF16 or Arm "
+                                "BF16); this one has none, so it would be slower than fp32; set train.amp=none")
             return
         hint = "train.amp=bf16 (CPUs with native bf16) or none" if kind == "cpu" else "train.amp=none"
         raise UserError(f"'train.amp' = {amp!r} needs CUDA on device {kind!r}; set {hint}")
