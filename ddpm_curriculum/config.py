@@ -114,7 +114,8 @@ class TrainConfig:
     betas: list[float] = opt([0.9, 0.999], "Adam β1, β2.")
     use_ema: bool = opt(True, "Keep an exponential moving average of the weights (used for samples).")
     ema_decay: float = opt(0.9999, "EMA decay per optimizer step.", lo=0.0, hi=1.0)
-    amp: str = opt("none", "Mixed precision on CUDA: `none`, `bf16`, `fp16` (CPU: only `none`).",
+    amp: str = opt("none", "Mixed precision (autocast; fp32 weights, optimizer, EMA): `none`, `bf16`, `fp16` "
+                   "(CPU: `bf16` where it has native bf16, never `fp16`).",
                    choices=["none", "bf16", "fp16"])
     seed: int = opt(0, "Seed of initialisation, data order, timesteps and noise.", lo=0, hi=MAX_SEED)
     num_workers: int = opt(0, "DataLoader worker processes per rank.", lo=0)

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from ddpm_curriculum.bench.cli import PARTS
+from ddpm_curriculum.bench import cli
+from ddpm_curriculum.bench.cli import PARTS, bf16_available
 from ddpm_curriculum.models.convert import diffusers_unet_config, to_diffusers_state, unet_kwargs_from_diffusers
 from ddpm_curriculum.training import builders
 
@@ -61,8 +62,9 @@ def bench(tmp_path, *args, script="bench.py"):
 def test_every_part_runs_and_races_like_against_like(tmp_path):
     table, r = bench(tmp_path, "--no-memory")
     assert set(PARTS) <= set(r)
+    bf16 = {"ours_bf16", "diffusers_bf16"} if bf16_available("cpu") else set()
     for part in ("train", "train_twoscale"):
-        assert set(r[part]["img_per_sec"]) == {"ours", "ours_nchw", "diffusers", "diffusers_channels_last"}
+        assert set(r[part]["img_per_sec"]) == {"ours", "ours_nchw", "diffusers", "diffusers_channels_last"} | bf16
         assert r[part]["max_abs_output_diff_vs_diffusers"] < 1e-4
         assert r[part]["speedup_vs_diffusers"] == pytest.approx(
             r[part]["img_per_sec"]["ours"] / r[part]["img_per_sec"]["diffusers"])
@@ -96,3 +98,44 @@ def test_peak_memory_in_child_processes_and_bad_part(tmp_path):
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert res.returncode == 2 and "linear-β ε-prediction" in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_bf16_and_compile_candidates_and_their_summary(tmp_path, monkeypatch):
+    from ddpm_curriculum.training import trainer
+
+    args = cli.parse_args(["--train-config", str(tmp_path / "tiny.json"), "--batch", "2", "--compile"])
+    (tmp_path / "tiny.json").write_text(json.dumps({**TINY, "train": {**TINY["train"], "steps": 20}}))
+    monkeypatch.setattr(trainer, "cpu_bf16_supported", lambda: False)
+    assert "ours_bf16" not in cli.train_cases(args, "train", {})  # as training: no bf16 rows without native bf16
+    monkeypatch.setattr(trainer, "cpu_bf16_supported", lambda: True)
+    out: dict = {}
+    cases = cli.train_cases(args, "train", out)
+    assert {"ours_bf16", "diffusers_bf16", "ours_compiled", "ours_bf16_compiled"} <= set(cases)
+    assert "ours_compiled" not in cli.train_cases(args, "train_twoscale", {})  # compile: the CIFAR part only
+    secs = {"ours": 1.0, "ours_nchw": 1.1, "diffusers": 1.2, "diffusers_channels_last": 1.2, "ours_bf16": 0.5,
+            "diffusers_bf16": 0.8, "ours_compiled": 0.8, "ours_bf16_compiled": 0.4}
+    first = {k: 2 * v for k, v in secs.items()} | {"ours_compiled": 62.0, "ours_bf16_compiled": 41.0}
+    r = cli.train_summary(args, "train", secs, out["cfg"], None, first)
+    assert r["compile_sec"] == {"ours_compiled": 60.0, "ours_bf16_compiled": 40.0}
+    assert r["compiled_vs_eager"] == pytest.approx({"ours_compiled": 1.25, "ours_bf16_compiled": 1.25})
+    assert r["bf16_vs_fp32"] == pytest.approx({"ours": 2.0, "diffusers": 1.5})
+    assert 1e-4 < r["bf16_output_rel_diff"] < 0.05  # bf16 rounding: ~2^-8 per op, not exact, not broken
+    table = cli.table({"train": r})
+    assert "2.00x ours fp32" in table and "compile 60 s" in table and ">= 2.5x" in table
+
+
+def test_bf16_train_step_runs_under_cpu_autocast():
+    from ddpm_curriculum.bench import train
+
+    if not bf16_available("cpu"):
+        pytest.skip("this CPU has no native bf16")
+    cfg = tiny_cfg()
+    step = train.make_train_step(cfg, "ours", 2, "cpu", True, bf16=True)
+    seen = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.append(o.dtype) if isinstance(m, torch.nn.Conv2d) else None)
+    try:
+        step()
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}

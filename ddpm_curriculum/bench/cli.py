@@ -11,8 +11,9 @@ Parts (``--parts``, default all):
 
 Within a part the candidates run alternately, round after round, in one process, and the fastest round
 counts, so background load hits all of them alike. Peak memory: each candidate is then built and run alone in
-a child process (peak RSS on the CPU, ``max_memory_allocated`` on CUDA). On CUDA the training parts add bf16
-autocast candidates.
+a child process (peak RSS on the CPU, ``max_memory_allocated`` on CUDA). Where bf16 is native (CUDA, or a CPU
+with AVX512-BF16/AMX) the training parts add bf16 autocast candidates; ``--compile`` adds ``torch.compile``
+candidates on the CIFAR-10 UNet, with their compile time (warm-up call minus the eager twin's) reported apart.
 """
 
 from __future__ import annotations
@@ -53,12 +54,25 @@ def train_cases(args, part: str, out: dict) -> dict:
              "ours_nchw": partial(train.make_train_step, cfg, "ours", batch, args.device, False),
              "diffusers": partial(train.make_train_step, cfg, "diffusers", batch, args.device, False),
              "diffusers_channels_last": partial(train.make_train_step, cfg, "diffusers", batch, args.device, True)}
-    if args.compile:
-        cases["ours_compiled"] = partial(train.make_train_step, cfg, "ours", batch, args.device, True, False, True)
-    if args.device.startswith("cuda"):
+    bf16 = bf16_available(args.device)
+    if bf16:
         cases["ours_bf16"] = partial(train.make_train_step, cfg, "ours", batch, args.device, True, True)
         cases["diffusers_bf16"] = partial(train.make_train_step, cfg, "diffusers", batch, args.device, False, True)
+    if args.compile and part == "train":
+        cases["ours_compiled"] = partial(train.make_train_step, cfg, "ours", batch, args.device, True, False, True)
+        if bf16:
+            cases["ours_bf16_compiled"] = partial(train.make_train_step, cfg, "ours", batch, args.device, True,
+                                                  True, True)
     return cases
+
+
+def bf16_available(device: str) -> bool:
+    """bf16 autocast candidates: on CUDA GPUs that support bf16 and on CPUs with native bf16 (as training)."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    from ..training.trainer import cpu_bf16_supported
+
+    return device == "cpu" and cpu_bf16_supported()
 
 
 def peaks_cases(args) -> dict:
@@ -87,7 +101,7 @@ def part_cases(part: str, args, out: dict, tmp: str) -> dict:
 
 # --- what each part reports -------------------------------------------------------------------------------
 
-def train_summary(args, part: str, secs: dict, cfg, peaks: dict | None) -> dict:
+def train_summary(args, part: str, secs: dict, cfg, peaks: dict | None, first_call: dict) -> dict:
     cfg_path, _, batch = train_setting(part, args)
     flops = train.step_flops(cfg, batch)
     ips = {k: batch / s for k, s in secs.items()}
@@ -95,19 +109,29 @@ def train_summary(args, part: str, secs: dict, cfg, peaks: dict | None) -> dict:
            "speedup_vs_diffusers": ips["ours"] / ips["diffusers"],
            "speedup_vs_diffusers_channels_last": ips["ours"] / ips["diffusers_channels_last"],
            "gflop_per_step": flops / 1e9, "ours_gflop_per_sec": flops / secs["ours"] / 1e9,
-           "max_abs_output_diff_vs_diffusers": train.outputs_max_diff(cfg)}
+           "max_abs_output_diff_vs_diffusers": train.outputs_max_diff(cfg),
+           # the warm-up call of each candidate; for a compiled one, minus its eager twin's, the compile time
+           "first_call_sec": first_call}
+    for name, eager in (("ours_compiled", "ours"), ("ours_bf16_compiled", "ours_bf16")):
+        if name in ips:
+            res.setdefault("compile_sec", {})[name] = first_call[name] - first_call[eager]
+            res.setdefault("compiled_vs_eager", {})[name] = ips[name] / ips[eager]
+    if "ours_bf16" in ips:
+        res["bf16_vs_fp32"] = {"ours": ips["ours_bf16"] / ips["ours"],
+                               "diffusers": ips["diffusers_bf16"] / ips["diffusers"]}
+        res["bf16_output_rel_diff"] = train.bf16_output_rel_diff(cfg, args.device)
     if peaks:
         res["fraction_of_matmul_peak"] = res["ours_gflop_per_sec"] / peaks["gflop_per_sec"]["matmul"]
         res["fraction_of_conv_peak"] = res["ours_gflop_per_sec"] / peaks["gflop_per_sec"]["conv_channels_last"]
     return res
 
 
-def summarize(part: str, args, secs: dict, out: dict, results: dict) -> dict:
+def summarize(part: str, args, secs: dict, out: dict, results: dict, first_call: dict) -> dict:
     if part == "peaks":
         flops = train.peak_flops()
         return {"gflop_per_sec": {k: flops[k] / secs[k] / 1e9 for k in secs}, "shapes": train.PEAK_SHAPES}
     if part in ("train", "train_twoscale"):
-        return train_summary(args, part, secs, out["cfg"], results.get("peaks"))
+        return train_summary(args, part, secs, out["cfg"], results.get("peaks"), first_call)
     if part == "modes":
         ips = {k: args.modes_batch / s for k, s in secs.items()}
         return {"config": args.modes_config, "batch": args.modes_batch, "img_per_sec": ips,
@@ -172,6 +196,20 @@ def _mem(res: dict, name: str) -> str:
     return f"{m['peak_rss_mb']:.0f} MB (+{m['peak_rss_mb'] - m['rss_before_build_mb']:.0f})" if "peak_rss_mb" in m else ""
 
 
+TRAIN_TARGETS = {("train", "ours"): ">= 1.25x", ("train", "ours_bf16"): ">= 2.5x"}  # vs diffusers fp32
+
+
+def _train_note(r: dict, k: str, frac: str) -> str:
+    if k == "ours":
+        return f"{r['ours_gflop_per_sec']:.1f} GFLOP/s{frac}; |out diff| {r['max_abs_output_diff_vs_diffusers']:.1e}"
+    notes = []
+    if k == "ours_bf16":
+        notes.append(f"{r['bf16_vs_fp32']['ours']:.2f}x ours fp32; rel out diff {r['bf16_output_rel_diff']:.1e}")
+    if k in r.get("compile_sec", {}):
+        notes.append(f"{r['compiled_vs_eager'][k]:.2f}x eager; compile {r['compile_sec'][k]:.0f} s")
+    return "; ".join(notes)
+
+
 def table(results: dict) -> str:
     rows = [("part", "candidate", "speed", "ratio", "target", "peak mem", "notes")]
     if "peaks" in results:
@@ -185,10 +223,8 @@ def table(results: dict) -> str:
                     f"of conv peak" if "fraction_of_conv_peak" in r else "")
             for k, v in r["img_per_sec"].items():
                 ratio = v / r["img_per_sec"]["diffusers"]
-                note = (f"{r['ours_gflop_per_sec']:.1f} GFLOP/s{frac}; |out diff| "
-                        f"{r['max_abs_output_diff_vs_diffusers']:.1e}") if k == "ours" else ""
                 rows.append((f"{part} b{r['batch']}", k, f"{v:.1f} img/s", f"{ratio:.2f}x",
-                             ">= 1.25x" if k == "ours" and part == "train" else "", _mem(r, k), note))
+                             TRAIN_TARGETS.get((part, k), ""), _mem(r, k), _train_note(r, k, frac)))
     if "modes" in results:
         r = results["modes"]
         for k, v in r["img_per_sec"].items():
@@ -234,7 +270,7 @@ def parse_args(argv):
     p.add_argument("--no-memory", action="store_true", help="skip the per-candidate peak-memory child runs")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--compile", action="store_true",
-                   help="training parts: add our UNet under torch.compile (model.compile; compiling takes minutes)")
+                   help="part train: add our UNet under torch.compile (model.compile; compiling takes minutes)")
     p.add_argument("--batch", type=int, default=16, help="part train: batch size")
     p.add_argument("--train-config", default="configs/cifar10_c.json")
     p.add_argument("--train-set", action="append", default=[], help="override for --train-config (repeatable)")
@@ -276,9 +312,10 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             fns = {name: factory() for name, factory in part_cases(part, args, out, tmp).items()}
             steps = args.steps if part in ("train", "train_twoscale", "modes", "peaks") else 1
-            secs = best(time_interleaved(fns, args.rounds, steps, args.device))
+            first_call: dict = {}
+            secs = best(time_interleaved(fns, args.rounds, steps, args.device, first_call))
             del fns
-        results[part] = summarize(part, args, secs, out, results)
+        results[part] = summarize(part, args, secs, out, results, first_call)
         if not args.no_memory:
             results[part]["memory"] = measure_memory(part, list(secs), argv)
         print(f"{part}: done", flush=True)

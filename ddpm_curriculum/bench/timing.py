@@ -16,11 +16,16 @@ def sync(device) -> None:
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, steps: int = 1,
-                     device="cpu") -> dict[str, list[float]]:
-    """Seconds per call of each function, one entry per round; every function is warmed up once first."""
-    for fn in fns.values():
+                     device="cpu", first_call: dict | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each function, one entry per round; every function is warmed up once first.
+
+    ``first_call``, if given, receives the seconds of each warm-up call (a compiled candidate compiles then)."""
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
         fn()
-    sync(device)
+        sync(device)
+        if first_call is not None:
+            first_call[name] = time.perf_counter() - t0
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():

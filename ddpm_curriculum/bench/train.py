@@ -57,8 +57,9 @@ def fixed_batch(cfg: Config, batch: int, device, channels_last: bool):
 
 def make_train_step(cfg: Config, impl: str, batch: int, device="cpu", channels_last: bool = True,
                     bf16: bool = False, compile: bool = False):
-    """One full optimizer step of ``impl``'s network on a fixed batch (``compile``: the forward and backward
-    through ``torch.compile``, as ``model.compile`` trains; the first call compiles)."""
+    """One full optimizer step of ``impl``'s network on a fixed batch (``bf16``: under bf16 autocast, as
+    ``train.amp=bf16`` trains; ``compile``: the forward and backward through ``torch.compile``, as
+    ``model.compile`` trains; the first call compiles)."""
     model = build_network(cfg, impl).to(device).train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -67,11 +68,12 @@ def make_train_step(cfg: Config, impl: str, batch: int, device="cpu", channels_l
     x0, t, noise = fixed_batch(cfg, batch, device, channels_last)
     ema = EMA(model, cfg.train.ema_decay)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
 
     def step():
-        with autocast:
-            loss = diffusion.training_losses(net, x0, t, noise).mean()
+        with autocast:  # as the trainer: autocast around the forward, the loss reduced in fp32
+            per_sample = diffusion.training_losses(net, x0, t, noise)
+        loss = per_sample.float().mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_norm)
         opt.step()
@@ -106,6 +108,20 @@ def outputs_max_diff(cfg: Config) -> float:
     x0, t, _ = fixed_batch(cfg, 2, "cpu", False)
     with torch.no_grad():
         return float((model(x0, t) - theirs(x0, t)).abs().max())
+
+
+def bf16_output_rel_diff(cfg: Config, device="cpu") -> float:
+    """‖ε_bf16 − ε_fp32‖ / ‖ε_fp32‖ of our network under bf16 autocast on a batch of 8 (generic weights, as above)."""
+    torch.manual_seed(0)
+    model = builders.make_model(cfg).to(device).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        x0, t, _ = fixed_batch(cfg, 8, device, False)
+        ref = model(x0, t)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            low = model(x0, t).float()
+    return float((low - ref).norm() / ref.norm())
 
 
 MATMUL_N = 1024

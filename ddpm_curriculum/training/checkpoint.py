@@ -326,5 +326,7 @@ def load_network(path: str | Path, use_ema: bool = True, overrides=()) -> Loaded
     model.load_state_dict(raw.state_dict)
     if raw.masks:
         apply_masks(model, raw.masks)
+    if cfg.model.channels_last:  # sample in the layout it trained in (faster CPU convolutions)
+        model = model.to(memory_format=torch.channels_last)
     return LoadedNetwork(model.eval(), builders.make_diffusion(cfg), cfg, raw.step, raw.weights, source,
                          raw.masks, fmt)

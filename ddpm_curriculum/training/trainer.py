@@ -44,6 +44,29 @@ def _fmt(value: float) -> str:
     return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.3e}"
 
 
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # /proc/cpuinfo: x86 AVX512-BF16, AMX-BF16; Arm BF16
+
+
+def _cpu_flags() -> set[str] | None:
+    """The CPU feature flags of /proc/cpuinfo (x86 ``flags``, Arm ``Features``); None where it cannot be read."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return {f for ln in lines if ln.startswith(("flags", "Features")) for f in ln.partition(":")[2].split()}
+
+
+def cpu_bf16_supported(flags: set[str] | None = None) -> bool:
+    """Whether this CPU runs bf16 natively: oneDNN has bf16 kernels for it and, where the feature flags can be read,
+    it has bf16 instructions (oneDNN also accepts plain AVX-512, where it emulates bf16, slower than fp32).
+
+    A capability check, not a CPU-name list; tests replace it to simulate a CPU without bf16."""
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    flags = _cpu_flags() if flags is None else flags
+    return flags is None or bool(flags & NATIVE_BF16_FLAGS)
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; a checkpoint of the last good state was written."""
 
@@ -109,9 +132,16 @@ class CurriculumTrainer:
     # ------------------------------------------------------------------ construction helpers
 
     def _check_device(self) -> None:
-        if self.cfg.train.amp != "none" and self.device.type != "cuda":
-            raise UserError(f"'train.amp' = {self.cfg.train.amp!r} needs CUDA (on CPU reduced precision is "
-                            f"far slower than fp32); set train.amp=none")
+        amp, kind = self.cfg.train.amp, self.device.type
+        if amp == "none" or kind == "cuda":
+            return
+        if kind == "cpu" and amp == "bf16":
+            if not cpu_bf16_supported():
+                raise UserError("'train.amp' = 'bf16' needs a CPU with native bf16 (AVX512-BF16, AMX-BF16 or Arm "
+                                "BF16); this one has none, so it would be slower than fp32; set train.amp=none")
+            return
+        hint = "train.amp=bf16 (CPUs with native bf16) or none" if kind == "cpu" else "train.amp=none"
+        raise UserError(f"'train.amp' = {amp!r} needs CUDA on device {kind!r}; set {hint}")
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         t = self.cfg.train
@@ -201,8 +231,10 @@ class CurriculumTrainer:
         for k in range(t_cfg.accum_steps):
             sl = slice(k * micro, (k + 1) * micro)
             sync = k == t_cfg.accum_steps - 1 or self.world == 1
-            with (contextlib.nullcontext() if sync else self.ddp_model.no_sync()), self._autocast():
-                per_sample = self.diffusion.training_losses(self.train_model, x0[sl], t[sl], noise[sl])
+            with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
+                with self._autocast():  # reduced precision for the network's forward only
+                    per_sample = self.diffusion.training_losses(self.train_model, x0[sl], t[sl], noise[sl])
+                per_sample = per_sample.float()  # loss reduction (and mode terms) in fp32
                 objective = per_sample if weights is None else per_sample * weights[sl]
                 loss = objective.mean() / t_cfg.accum_steps
                 if k == t_cfg.accum_steps - 1:  # mode terms once per step, inside DDP's forward/backward
@@ -270,7 +302,8 @@ class CurriculumTrainer:
         amp = self.cfg.train.amp
         if amp == "none":
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+        # weights, gradients, optimizer state and EMA stay fp32: autocast only casts the op inputs
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
     # -------------------------------------------------------------------- maintenance
 
