@@ -1,7 +1,6 @@
 """Pre-registered endpoints (T50, AUC, exposure) and Holm-corrected paired contrasts, against closed forms,
 scipy and a brute-force Holm procedure; and a grid with contrasts end to end."""
 
-import itertools
 import json
 
 import numpy as np
