@@ -73,8 +73,8 @@ def test_end_to_end_matches_pytorch_fid(setup, tmp_path):
 
     # the saved reference statistics (with features) reproduce every number. Both runs are eval.py at one
     # thread: the sample features are recomputed, and CPU convolutions differ at ~1e-7 across thread counts
-    # (measured: FID 1.9224641352677296 at 2 threads vs 1.9224641622272336 at 1), so comparing with an
-    # in-process run at torch's default threads would test the thread count, not the statistics file.
+    # (issue 14's audit saw FID 1.9224641352677296 at 2 threads vs 1.9224641622272336 at 1), so comparing
+    # with an in-process run at torch's default threads would test the thread count, not the statistics file.
     res = script("eval.py", "--sample-folder", str(setup["samples"]), "--ref-stats", str(tmp_path / "ref_stats.npz"),
                  "--dims", "64", "--inception-weights", str(setup["weights_path"]), "--json",
                  str(tmp_path / "again.json"), "--no-progress", "--device", "cpu")
