@@ -142,7 +142,8 @@ def test_divergence_names_both_escapes_and_skipping_gets_past_the_step(tmp_path,
     skip_cmd = shlex.split(msg.split("skip that step's batch: ")[1])
     assert skip_cmd[:2] == ["python", "train_curriculum.py"]
     cfg, state = resolve(parse_args(skip_cmd[2:]))
-    escaped = CurriculumTrainer(cfg, tmp_path, CPU, resume_state=state, progress=False, stop_at_step=5)
+    # progress on: the bar shows a skipped step too
+    escaped = CurriculumTrainer(cfg, tmp_path, CPU, resume_state=state, progress=True, stop_at_step=5)
     poison(escaped, 4)
     capsys.readouterr()
     escaped.train()

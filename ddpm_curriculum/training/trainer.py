@@ -340,14 +340,15 @@ class CurriculumTrainer:
         if epoch_end and t.chkpt_intv and self.epoch % t.chkpt_intv == 0 and self.step < self.total_steps:
             self.save()
 
-    def _show_progress(self, bar, stage, loss: float) -> None:
-        """The bar's postfix from the first step on: this step's stage, t range and loss (global batch mean),
-        and the speed of the last logged interval."""
+    def _show_progress(self, bar, stage, loss: float | None) -> None:
+        """The bar's postfix from the first step on: this step's stage, t range and loss (global batch mean;
+        "skipped" for a step skipped for a non-finite loss), and the speed of the last logged interval."""
         if bar.disable:
             return
         lo, hi = self.diffusion.time_range
         speed = f" {self.img_per_sec:.0f} img/s" if self.img_per_sec else ""
-        bar.set_postfix_str(f"{stage.name} t∈[{lo},{hi}] loss={loss:.4f}{speed}", refresh=False)
+        shown = "skipped" if loss is None else f"{loss:.4f}"
+        bar.set_postfix_str(f"{stage.name} t∈[{lo},{hi}] loss={shown}{speed}", refresh=False)
 
     def sampling_model(self):
         return self.ema.model if self.ema is not None else self.model
