@@ -158,3 +158,24 @@ def test_checkpoint_fid_equals_generate_then_eval(setup, tmp_path):  # noqa: F81
     direct = evaluate(EvalSettings(samples=str(tmp_path / "s"), ref_folder=str(setup["ref"]), metrics=["fid"],
                                    dims=64, inception_weights=str(setup["weights_path"]), progress=False), "cpu")
     assert metrics["fid"] == pytest.approx(direct["metrics"]["fid"], rel=1e-9)
+
+
+def test_a_run_that_fails_midway_keeps_its_finished_points(tmp_path, monkeypatch):
+    """Each evaluation point lands in results.jsonl when it is scored, not when its run ends, so a grid
+    stopped (or failing) mid-run keeps what it finished and continues from there."""
+    grid_path, out = write_grid(tmp_path, arms=[{"name": "C"}], seeds=[0]), tmp_path / "out"
+    original, calls = runner_module.evaluate_checkpoint, []
+
+    def fail_second(path, settings, *args):
+        calls.append(path)
+        if len(calls) == 2:
+            raise RuntimeError("killed while scoring the second point")
+        return original(path, settings, *args)
+
+    monkeypatch.setattr(runner_module, "evaluate_checkpoint", fail_second)
+    run_grid(grid_path, out, log=lambda *_: None)
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [r.get("step") for r in lines] == [3, None] and "killed while scoring" in lines[1]["error"]
+    monkeypatch.setattr(runner_module, "evaluate_checkpoint", original)
+    again = run_grid(grid_path, out, log=lambda *_: None)  # continues: scores only the missing point
+    assert sorted(r["step"] for r in again if "error" not in r) == [3, 6]

@@ -61,9 +61,20 @@ def _train_until(run: RunSpec, run_dir: Path, step: int, threads: int) -> None:
         raise RuntimeError(f"training {run.key} to step {step} failed (exit {res.returncode}): {last}")
 
 
+def append_record(path: Path, rec: dict) -> None:
+    """Append one line to ``results.jsonl`` under an exclusive lock (several grid jobs append at once)."""
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+
+
 def execute_run(run: RunSpec, run_dir: Path, settings: GridEvalConfig, done_steps: set[int],
-                threads: int) -> list[dict]:
-    """Train and evaluate one run at its missing evaluation points; returns one record per new point."""
+                threads: int, results_path: Path | None = None) -> list[dict]:
+    """Train and evaluate one run at its missing evaluation points; returns one record per new point, each
+    appended to ``results_path`` as soon as it exists (a grid stopped mid-run keeps its finished points)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -83,16 +94,20 @@ def execute_run(run: RunSpec, run_dir: Path, settings: GridEvalConfig, done_step
         if counts is not None:
             rec["drawn_per_t_bin"] = counts  # exposure: training samples per bin of t so far
         rec.update(evaluate_checkpoint(ckpt, settings))
+        if results_path is not None:
+            append_record(results_path, rec)
         records.append(rec)
     return records
 
 
-def _job(run, run_dir, settings, done, threads):
+def _job(run, run_dir, settings, done, threads, results_path):
     """Process-pool entry: a failed run becomes a record instead of killing the grid."""
     try:
-        return execute_run(run, run_dir, settings, done, threads)
+        return execute_run(run, run_dir, settings, done, threads, results_path)
     except (RuntimeError, UserError) as exc:
-        return [{"arm": run.arm, "seed": run.seed, "error": str(exc)}]
+        rec = {"arm": run.arm, "seed": run.seed, "error": str(exc)}
+        append_record(results_path, rec)
+        return [rec]
 
 
 def run_grid(grid_path: str | Path, out_dir: str | Path, quick: bool = False, jobs: int = 1,
@@ -114,14 +129,12 @@ def run_grid(grid_path: str | Path, out_dir: str | Path, quick: bool = False, jo
         f"{jobs} job(s) × {threads} thread(s), output {out_dir}")
     started = time.perf_counter()
 
-    def handle(records):
-        with open(results_path, "a") as f:
-            for rec in records:
-                f.write(json.dumps(rec) + "\n")
-                log(_describe(rec, time.perf_counter() - started))
+    def handle(records):  # already in results.jsonl (execute_run appends each point as it is scored)
+        for rec in records:
+            log(_describe(rec, time.perf_counter() - started))
 
-    args = [(r, out_dir / r.arm / f"seed{r.seed}", settings, done.get((r.arm, r.seed), set()), threads)
-            for r in pending]
+    args = [(r, out_dir / r.arm / f"seed{r.seed}", settings, done.get((r.arm, r.seed), set()), threads,
+             results_path) for r in pending]
     if jobs == 1:
         for a in args:
             handle(_job(*a))
