@@ -69,3 +69,14 @@ def remove_stale_temps(directory: Path) -> list[Path]:
                 p.unlink(missing_ok=True)
                 removed.append(p)
     return removed
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line (a JSON record) to a log under an exclusive lock, so that several processes appending
+    at once never interleave; a crash loses at most the line being written, never earlier ones."""
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(line.rstrip("\n") + "\n")
+        f.flush()

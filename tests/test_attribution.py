@@ -8,9 +8,13 @@ import torch
 
 from ddpm_curriculum.data.twoscale import TwoScaleDataset
 from ddpm_curriculum.diffusion import GaussianDiffusion, make_betas
-from ddpm_curriculum.experiments.attribution import Probe, ablation, gradient_activation, random_groups
+from ddpm_curriculum.errors import UserError
+from ddpm_curriculum.experiments import load_grid
+from ddpm_curriculum.experiments.attribution import (Probe, ablation, attribute, attribute_grid, attribution_lines,
+                                                     gradient_activation, random_groups)
 from ddpm_curriculum.models import DecoderSparseUNet, SparseUNet
 from ddpm_curriculum.training import CurriculumTrainer
+from ddpm_curriculum.training.checkpoint import latest_checkpoint, load_network
 
 from .test_cs_cr_training import cs_cfg
 from .test_models import randomize
@@ -92,13 +96,43 @@ def test_script_attributes_a_cs_run_and_a_null_from_a_baseline(runs, tmp_path):
                  "--sample-steps", "2", "--ts", "50", "10")
     assert res.returncode == 0, res.stderr
     cs = json.loads((runs / "cs" / "attribution.json").read_text())
-    assert cs["location"] == "bottleneck" and cs["groups"] == {"0": 16, "1": 16, "2": 32}
-    assert set(cs["ablation"]["50"]) == {"open", "0", "1", "2"} and cs["generation"]["channels"] == 48
+    assert cs["location"] == "bottleneck" and cs["groups"] == {"0": 16, "1": 16, "2": 32, "late": 48}
+    assert set(cs["ablation"]["50"]) == {"open", "0", "1", "2", "late"} and cs["generation"]["channels"] == 48
     assert "| 50 | 1 (16) |" in res.stdout
     null = script("scripts/attribute_channels.py", str(runs / "c"), "--like", str(runs / "cs"), "--n", "8",
                   "--num-samples", "0", "--ts", "50", "--null-repeats", "2", "--json", str(tmp_path / "n.json"))
     assert null.returncode == 0, null.stderr
     result = json.loads((tmp_path / "n.json").read_text())
-    assert result["groups"] == {"0": 16, "1": 16, "2": 32} and result["null_repeats"] == 2
+    assert result["groups"] == {"0": 16, "1": 16, "2": 32, "late": 48} and result["null_repeats"] == 2
     bad = script("scripts/attribute_channels.py", str(runs / "c"))
     assert bad.returncode == 2 and "pass --like CS_RUN" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_grid_attribution_runs_each_final_network_once_and_reports_it(runs, tmp_path):
+    """run_experiments.py --attribute: a CS arm with its own birth groups and a null [baseline, CS]; the records
+    equal a direct attribute() call, a second pass adds nothing, and the report section shows both."""
+    out = tmp_path / "grid"
+    for arm, src in (("CS", "cs"), ("baseline", "c")):
+        (out / arm).mkdir(parents=True)
+        (out / arm / "seed0").symlink_to(runs / src)
+    step = int(latest_checkpoint(runs / "cs").stem.split("_")[1])
+    records = [{"arm": a, "seed": 0, "step": step, "final": True} for a in ("baseline", "CS")]
+    settings = {"nulls": [["baseline", "CS"]], "ts": [50, 10], "n": 8, "num_samples": 8, "sample_steps": 2,
+                "null_repeats": 2}
+    (tmp_path / "g.json").write_text(json.dumps({"arms": [{"name": "baseline"}, {"name": "CS"}],
+                                                 "attribution": settings}))
+    grid = load_grid(tmp_path / "g.json")
+    got = attribute_grid(grid, out, records, log=lambda *_: None)
+    assert [(r["arm"], r["like"]) for r in got] == [("CS", None), ("baseline", "CS")]
+    kwargs = {k: v for k, v in settings.items() if k != "nulls"}
+    direct = attribute(load_network(runs / "cs"), **kwargs)
+    assert got[0]["result"] == json.loads(json.dumps(direct))
+    assert got[1]["result"]["groups"] == {"0": 16, "1": 16, "2": 32, "late": 48}
+    assert attribute_grid(grid, out, records, log=lambda *_: pytest.fail("attributed twice")) == got
+    text = "\n".join(attribution_lines(got))
+    late = got[0]["result"]["ablation"]["50"]["late"]["minor_drop"]
+    assert f"| 50 | CS | 1 | " in text and f"| {late:.4g} |" in text
+    assert "baseline (null: random groups of CS's sizes)" in text
+    (tmp_path / "bad.json").write_text(json.dumps({"arms": [{"name": "CS"}], "attribution": {"nulls": [["CS", "x"]]}}))
+    with pytest.raises(UserError, match="attribution null"):
+        load_grid(tmp_path / "bad.json")

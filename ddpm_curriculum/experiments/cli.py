@@ -7,7 +7,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..config import read_jsonl
 from ..errors import UserError
+from .attribution import attribute_grid, attribution_lines
 from .grid import baseline_arm, load_grid
 from .report import write_report
 from .runner import read_results, run_grid
@@ -22,17 +24,23 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each gets cores/jobs threads)")
     p.add_argument("--threads", type=int, help="torch threads per job (default cores/jobs)")
     p.add_argument("--report-only", action="store_true", help="rewrite report.md from results.jsonl")
+    p.add_argument("--attribute", action="store_true",
+                   help="attribute the finished runs' final networks to channel groups (attribution.jsonl; "
+                        "each run once), then rewrite report.md; needs the run folders' final checkpoints")
     args = p.parse_args(argv)
     if args.jobs < 1:
         raise UserError(f"--jobs {args.jobs} must be at least 1")
     out = Path(args.out or Path("runs/experiments") / (Path(args.grid).stem + ("-quick" if args.quick else "")))
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    if args.report_only:
+    if args.report_only or args.attribute:
         grid = load_grid(args.grid)
         records = read_results(out / "results.jsonl")
         if not records:
             raise UserError(f"no results in {out / 'results.jsonl'}; run the grid first")
-        print(write_report(records, grid, baseline_arm(grid), out, quick=args.quick, command=command))
+        attributed = (attribute_grid(grid, out, records, quick=args.quick) if args.attribute
+                      else read_jsonl(out / "attribution.jsonl"))
+        print(write_report(records, grid, baseline_arm(grid), out, quick=args.quick, command=command,
+                           extra=attribution_lines(attributed, out / "plots")))
         return 0
     run_grid(args.grid, out, quick=args.quick, jobs=args.jobs, threads=args.threads, command=command)
     print(f"report: {out / 'report.md'}")

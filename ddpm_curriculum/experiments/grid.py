@@ -61,11 +61,25 @@ class GridEvalConfig:
 
 
 @dataclass
+class AttributionConfig:
+    nulls: list[list[str]] = opt([], "Null pairs [ARM, LIKE]: ARM's final network attributed with random channel "
+                                     "groups of LIKE's birth-group sizes at LIKE's gate location. Arms whose "
+                                     "networks have gates (mode CS) are always attributed with their own groups.")
+    ts: list[int] = opt([450, 100, 50], "Probe timesteps (one inside the minor decision window, two low t).")
+    n: int = opt(256, "Held-out images per probe.", lo=1)
+    num_samples: int = opt(256, "Samples of the generation ablation (late-born channels closed); 0 = off.", lo=0)
+    sample_steps: int = opt(25, "DDIM steps of those samples.", lo=1)
+    null_repeats: int = opt(4, "Random group draws averaged for a null.", lo=1)
+    seed: int = opt(0, "Seed of the probe noise and of the random groups.", lo=0)
+
+
+@dataclass
 class QuickConfig:
     seeds: list[int] = opt([0], "Seeds used with --quick.")
     set: list[str] = opt([], "Overrides applied last with --quick (shrink steps, data, model).")
     eval: GridEvalConfig | None = opt(None, "Evaluation settings with --quick; null = the grid's.")
     eval_at: list[float] | None = opt(None, "Evaluation points with --quick; null = the grid's.")
+    attribution: AttributionConfig | None = opt(None, "Attribution settings with --quick; null = the grid's.")
 
 
 @dataclass
@@ -93,6 +107,7 @@ class GridConfig:
     contrasts: list[list[str]] = opt([], "Pre-registered contrasts [A, B] (A − B paired by seed, Holm-corrected "
                                          "per endpoint); empty = the exploratory report against baseline_arm.")
     endpoints: EndpointConfig = field(default_factory=EndpointConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
 
 
 @dataclass(frozen=True)
@@ -126,6 +141,9 @@ def load_grid(path: str | Path) -> GridConfig:
     for pair in grid.contrasts:
         if len(pair) != 2 or not set(pair) <= set(names) or pair[0] == pair[1]:
             raise UserError(f"grid {path}: contrast {pair} must name two different arms of {names}")
+    for pair in grid.attribution.nulls + (grid.quick.attribution.nulls if grid.quick.attribution else []):
+        if len(pair) != 2 or not set(pair) <= set(names) or pair[0] == pair[1]:
+            raise UserError(f"grid {path}: attribution null {pair} must be [ARM, LIKE], two different arms of {names}")
     if not grid.seeds or (not grid.quick.seeds):
         raise UserError(f"grid {path}: 'seeds' and 'quick.seeds' must not be empty")
     if len(set(grid.seeds)) != len(grid.seeds):
@@ -165,6 +183,10 @@ def expand_runs(grid: GridConfig, quick: bool = False, steps_per_epoch=None) -> 
 
 def eval_settings(grid: GridConfig, quick: bool) -> GridEvalConfig:
     return grid.quick.eval if quick and grid.quick.eval is not None else grid.eval
+
+
+def attribution_settings(grid: GridConfig, quick: bool) -> AttributionConfig:
+    return grid.quick.attribution if quick and grid.quick.attribution is not None else grid.attribution
 
 
 def baseline_arm(grid: GridConfig) -> str:

@@ -76,6 +76,15 @@ def compare(by_point: dict, arm: str, base: str, step: int, metric: str):
     return mean, half, len(diffs)
 
 
+def interval_cell(values: list[float]) -> str:
+    """``mean ± half-width`` of the 95% Student-t interval of ``values`` (mean alone for n = 1; — for none)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    mean, half = paired_interval(values)
+    return _fmt(mean) if half is None else f"{_fmt(mean)} ± {half:.2g}"
+
+
 def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
@@ -259,8 +268,9 @@ def endpoint_lines(by_point: dict, grid, arms: list[str]) -> list[str]:
 
 
 def write_report(records: list[dict], grid, base: str, out_dir: Path, quick: bool = False,
-                 command: str | None = None) -> Path:
-    """Write ``report.md`` (and ``plots/*.png`` when matplotlib is installed); returns the report path."""
+                 command: str | None = None, extra: list[str] = ()) -> Path:
+    """Write ``report.md`` (and ``plots/*.png`` when matplotlib is installed); returns the report path.
+    ``extra``: further sections (markdown lines) placed before the plots."""
     import sys
 
     by_point = index(records)
@@ -299,7 +309,8 @@ def write_report(records: list[dict], grid, base: str, out_dir: Path, quick: boo
     lines += ["## Over training", ""]
     for m in present:
         lines += _table_over_training(by_point, arms, steps, m) + [""]
-    plots = write_plots(records, arms, present, out_dir / "plots")
+    lines += list(extra)
+    plots = write_plots(records, arms, present, out_dir / "plots", grid)
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     path = out_dir / "report.md"
@@ -307,8 +318,10 @@ def write_report(records: list[dict], grid, base: str, out_dir: Path, quick: boo
     return path
 
 
-def write_plots(records, arms, metrics, folder: Path) -> list[Path]:
-    """Metric vs training images per arm (mean ± std over seeds); [] without matplotlib."""
+def write_plots(records, arms, metrics, folder: Path, grid=None) -> list[Path]:
+    """Metric vs training images per arm (mean and 95% t-interval over seeds; no bar for one seed), and with
+    pre-registered endpoints a T50 plot (each seed a dot, censored seeds a triangle at the budget); [] without
+    matplotlib."""
     try:
         import matplotlib
 
@@ -324,16 +337,42 @@ def write_plots(records, arms, metrics, folder: Path) -> list[Path]:
         for arm in arms:
             pts = sorted((s, [r[m] for r in recs.values() if m in r], next(iter(recs.values()))["kimg"])
                          for (a, s), recs in by_point.items() if a == arm)
-            pts = [(kimg, *mean_std(v)) for _, v, kimg in pts if v]
+            pts = [(kimg, *paired_interval(v)) for _, v, kimg in pts if v]
             if pts:
-                x, mu, sd = zip(*pts)
-                ax.errorbar(x, mu, yerr=sd, marker="o", ms=3, capsize=2, label=arm)
+                x, mu, half = zip(*pts, strict=True)
+                ax.errorbar(x, mu, yerr=[h or 0.0 for h in half], marker="o", ms=3, capsize=2, label=arm)
         ax.set_xlabel("training images (kimg)")
-        ax.set_ylabel(m)
+        ax.set_ylabel(f"{m} (mean, 95% CI)")
         ax.legend(fontsize=6)
         fig.tight_layout()
         path = folder / f"{m}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
         paths.append(path)
+    if grid is not None and grid.contrasts:
+        paths += _t50_plot(plt, by_point, grid, arms, folder)
     return paths
+
+
+def _t50_plot(plt, by_point, grid, arms, folder: Path) -> list[Path]:
+    values = endpoint_values(by_point, grid.endpoints)
+    name = next((k for k in values if k.startswith("T50")), None)
+    if name is None:
+        return []
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for i, arm in enumerate(arms):
+        seeds = values[name].get(arm, {})
+        cens = values["_censored"].get(arm, {})
+        for seed, step in seeds.items():
+            ax.plot(i, step, "v" if cens.get(seed) else "o", color="C0" if not cens.get(seed) else "C3", ms=5)
+        crossed = [v for s, v in seeds.items() if not cens.get(s)]
+        if crossed:
+            ax.plot([i - 0.25, i + 0.25], [statistics.fmean(crossed)] * 2, color="k", lw=1)
+    ax.set_xticks(range(len(arms)), arms, rotation=45, fontsize=7)
+    ax.set_ylabel(f"{name} (step)")
+    ax.set_title("dot: a seed; red triangle: censored at the budget; bar: mean of crossings", fontsize=7)
+    fig.tight_layout()
+    path = folder / "T50.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return [path]

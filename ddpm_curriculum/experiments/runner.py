@@ -22,13 +22,16 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+from ..atomic import append_line
 from ..config import read_jsonl
 from ..errors import UserError
 from ..training import builders
 from ..training.checkpoint import checkpoint_name, latest_checkpoint
+from .attribution import attribution_lines
 from .endpoints import drawn_per_t_bin
 from .evaluate import evaluate_checkpoint
 from .grid import GridEvalConfig, RunSpec, baseline_arm, eval_settings, expand_runs, load_grid
+from .report import write_report
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train_curriculum.py"
 
@@ -62,13 +65,8 @@ def _train_until(run: RunSpec, run_dir: Path, step: int, threads: int) -> None:
 
 
 def append_record(path: Path, rec: dict) -> None:
-    """Append one line to ``results.jsonl`` under an exclusive lock (several grid jobs append at once)."""
-    import fcntl
-
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        f.write(json.dumps(rec) + "\n")
-        f.flush()
+    """Append one record to ``results.jsonl`` (several grid jobs append at once)."""
+    append_line(path, json.dumps(rec))
 
 
 def execute_run(run: RunSpec, run_dir: Path, settings: GridEvalConfig, done_steps: set[int],
@@ -145,9 +143,8 @@ def run_grid(grid_path: str | Path, out_dir: str | Path, quick: bool = False, jo
             for fut in as_completed([pool.submit(_job, *a) for a in args]):
                 handle(fut.result())
     records = read_results(results_path)
-    from .report import write_report
-
-    write_report(records, grid, baseline_arm(grid), out_dir, quick=quick, command=command)
+    write_report(records, grid, baseline_arm(grid), out_dir, quick=quick, command=command,
+                 extra=attribution_lines(read_jsonl(out_dir / "attribution.jsonl"), out_dir / "plots"))
     return records
 
 
