@@ -11,8 +11,11 @@ from ddpm_curriculum.diffusion import GaussianDiffusion, make_betas
 from ddpm_curriculum.errors import UserError
 from ddpm_curriculum.experiments import load_grid
 from ddpm_curriculum.experiments.attribution import (Probe, ablation, attribute, attribute_grid, attribution_lines,
-                                                     gradient_activation, random_groups)
-from ddpm_curriculum.models import DecoderSparseUNet, SparseUNet
+                                                     birth_group_sizes, birth_groups, gradient_activation,
+                                                     random_groups)
+from ddpm_curriculum.models import GATED_MODEL_NAMES, DecoderSparseUNet, SparseUNet
+from ddpm_curriculum.sparsity.channel_mask import ChannelSparsity
+from ddpm_curriculum.training.builders import make_model
 from ddpm_curriculum.training import CurriculumTrainer
 from ddpm_curriculum.training.checkpoint import latest_checkpoint, load_network
 
@@ -119,8 +122,10 @@ def test_grid_attribution_runs_each_final_network_once_and_reports_it(runs, tmp_
     records = [{"arm": a, "seed": 0, "step": step, "final": True} for a in ("baseline", "CS")]
     settings = {"nulls": [["baseline", "CS"]], "ts": [50, 10], "n": 8, "num_samples": 8, "sample_steps": 2,
                 "null_repeats": 2}
-    (tmp_path / "g.json").write_text(json.dumps({"arms": [{"name": "baseline"}, {"name": "CS"}],
-                                                 "attribution": settings}))
+    for name, cfg in (("cs", cs_cfg()), ("c", cs_cfg("sparsity.enabled=false"))):
+        (tmp_path / f"{name}.json").write_text(json.dumps(cfg.to_dict()))
+    arms = [{"name": "baseline", "config": str(tmp_path / "c.json")}, {"name": "CS", "config": str(tmp_path / "cs.json")}]
+    (tmp_path / "g.json").write_text(json.dumps({"arms": arms, "attribution": settings}))
     grid = load_grid(tmp_path / "g.json")
     got = attribute_grid(grid, out, records, log=lambda *_: None)
     assert [(r["arm"], r["like"]) for r in got] == [("CS", None), ("baseline", "CS")]
@@ -136,3 +141,23 @@ def test_grid_attribution_runs_each_final_network_once_and_reports_it(runs, tmp_
     (tmp_path / "bad.json").write_text(json.dumps({"arms": [{"name": "CS"}], "attribution": {"nulls": [["CS", "x"]]}}))
     with pytest.raises(UserError, match="attribution null"):
         load_grid(tmp_path / "bad.json")
+    (tmp_path / "g2.json").write_text(json.dumps({"arms": arms, "attribution": {**settings, "nulls": [["CS", "baseline"]]}}))
+    with pytest.raises(UserError, match="baseline is not a mode-CS arm"):
+        attribute_grid(load_grid(tmp_path / "g2.json"), out, records, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("location", ["bottleneck", "decoder"])
+def test_birth_group_sizes_from_the_config_equal_a_cs_runs_groups(location, runs):
+    """The null's group sizes come from the config alone; they equal what a CS run's gates record."""
+    if location == "bottleneck":
+        net = load_network(runs / "cs")
+        actual = {g: int(c.sum()) for g, c in birth_groups(net.model).items()}
+        assert birth_group_sizes(cs_cfg()) == actual == {0: 16, 1: 16, 2: 32}
+    else:
+        cfg = cs_cfg("sparsity.location=decoder")
+        model = make_model(cfg, GATED_MODEL_NAMES["decoder"])
+        ext = ChannelSparsity(cfg, model)
+        ext._initial_mask()
+        sizes = birth_group_sizes(cfg)
+        assert sizes[0] == int(model.channel_mask.sum())
+        assert sum(sizes.values()) == model.gated_channels

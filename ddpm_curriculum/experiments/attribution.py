@@ -31,6 +31,7 @@ from ..atomic import append_line
 from ..config import read_jsonl
 from ..errors import UserError
 from ..models import GATED_MODEL_NAMES
+from ..sparsity.schedules import stage_active_channels
 from ..training import builders
 from .report import interval_cell
 
@@ -58,13 +59,24 @@ def birth_groups(model) -> dict[int, torch.Tensor]:
     return {int(s): birth == s for s in sorted(set(birth.tolist())) if s >= 0}
 
 
-def random_groups(model, sizes: list[int], seed: int) -> dict[int, torch.Tensor]:
-    """Disjoint random channel sets of the given sizes, drawn uniformly among all gated channels (so a
-    decoder-null group spans the up blocks about in proportion to their widths, as a CS group does)."""
+def birth_group_sizes(cfg) -> dict[int, int]:
+    """{stage: channels born in it} of a mode-CS config, from its sparsity schedule alone (a CS run of that
+    config has exactly these group sizes whatever its seed, so a null needs no CS checkpoint)."""
+    model = builders.make_model(cfg)
+    per_segment = [stage_active_channels(cfg, c) for c in model.gate_segments]
+    totals = [sum(k) for k in zip(*per_segment, strict=True)]
+    sizes = {0: totals[0], **{g: totals[g] - totals[g - 1] for g in range(1, len(totals))}}
+    return {g: n for g, n in sizes.items() if n > 0}
+
+
+def random_groups(model, sizes: list[int] | dict[int, int], seed: int) -> dict[int, torch.Tensor]:
+    """Disjoint random channel sets of the given sizes (a list, or {group: size}), drawn uniformly among all
+    gated channels (so a decoder-null group spans the up blocks about in proportion to their widths, as a CS
+    group does)."""
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(model.gated_channels, generator=g)
     out, start = {}, 0
-    for i, size in enumerate(sizes):
+    for i, size in (sizes.items() if isinstance(sizes, dict) else enumerate(sizes)):
         flags = torch.zeros(model.gated_channels, dtype=torch.bool)
         flags[perm[start:start + size]] = True
         out[i], start = flags, start + size
@@ -165,7 +177,7 @@ def sample_ablation(model, diffusion, dataset, channels: torch.Tensor, num_sampl
             "drop": {k: open_[k] - shut[k] for k in keys}, "channels": int(channels.sum())}
 
 
-def attribute(net, *, location: str | None = None, sizes: list[int] | None = None, ts=DEFAULT_TS,
+def attribute(net, *, location: str | None = None, sizes: list[int] | dict[int, int] | None = None, ts=DEFAULT_TS,
               n: int = 256, seed: int = 0, null_repeats: int = 4, num_samples: int = 256,
               sample_steps: int = 25) -> dict:
     """Everything above for one network (``LoadedNetwork``): its birth groups when it has them, otherwise
@@ -212,11 +224,12 @@ def attribute_grid(grid, out_dir, records: list[dict], quick: bool = False, log=
     """Attribute every finished run's final network once and append it to ``OUT/attribution.jsonl``.
 
     Gated arms (mode CS) use their own birth groups; each ``attribution.nulls`` pair [ARM, LIKE] attributes
-    ARM's network with random groups of LIKE's sizes at the same seed (the null). Returns all records."""
+    ARM's network with random groups of the sizes LIKE's config gives its birth groups, at LIKE's gate
+    location (the null; it needs no LIKE checkpoint). Returns all records."""
     from pathlib import Path
 
     from ..training.checkpoint import checkpoint_name, load_network
-    from .grid import attribution_settings
+    from .grid import attribution_settings, expand_runs
 
     settings = attribution_settings(grid, quick)
     out_dir = Path(out_dir)
@@ -230,8 +243,8 @@ def attribute_grid(grid, out_dir, records: list[dict], quick: bool = False, log=
     kwargs = dict(ts=settings.ts, n=settings.n, seed=settings.seed, null_repeats=settings.null_repeats,
                   num_samples=settings.num_samples, sample_steps=settings.sample_steps)
     jobs = [(arm, seed, None) for (arm, seed) in sorted(finals)]
-    jobs += [(arm, seed, like) for arm, like in settings.nulls for (a, seed) in sorted(finals)
-             if a == arm and (like, seed) in finals]
+    jobs += [(arm, seed, like) for arm, like in settings.nulls for (a, seed) in sorted(finals) if a == arm]
+    like_cfg = {(r.arm, r.seed): r.config for r in expand_runs(grid, quick, steps_per_epoch=lambda cfg: 1)}
     for arm, seed, like in jobs:
         if (arm, seed, like) in done:
             continue
@@ -241,11 +254,10 @@ def attribute_grid(grid, out_dir, records: list[dict], quick: bool = False, log=
                 continue  # no gates: attributed only as a null
             result = attribute(net, **kwargs)
         else:
-            ref, location = gated_network(network(like, seed))
-            sizes = [int(c.sum()) for c in birth_groups(ref).values()]
-            if not sizes:
-                raise UserError(f"attribution null [{arm}, {like}]: {like} has no birth groups (not mode CS)")
-            result = attribute(net, location=location, sizes=sizes, **kwargs)
+            cfg = like_cfg[like, seed]
+            if cfg.mode != "CS":
+                raise UserError(f"attribution null [{arm}, {like}]: {like} is not a mode-CS arm (no birth groups)")
+            result = attribute(net, location=cfg.sparsity.location, sizes=birth_group_sizes(cfg), **kwargs)
         rec = {"arm": arm, "seed": seed, "step": finals[arm, seed], "like": like, "result": result}
         append_line(path, json.dumps(rec))
         log(f"attribution {arm}/seed{seed}" + (f" (null, {like}'s groups)" if like else "") + " written")
