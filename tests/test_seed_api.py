@@ -97,6 +97,9 @@ def test_pruning_method_is_seed_004_spelling_of_method(trained, tmp_path, capsys
     code = run_cli(prune_main, ["--pruning_method", "random", "--method", "nm", "--save_path", str(tmp_path), *args])
     err = capsys.readouterr().err
     assert code == 2 and "--method nm conflicts with --pruning_method random" in err and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit) as exit_info:  # seed 004's taylor pruner is not implemented: argparse refuses it
+        run_cli(prune_main, ["--pruning_method", "taylor", "--save_path", str(tmp_path), *args])
+    assert exit_info.value.code == 2 and "invalid choice: 'taylor'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------- seed 003 mask files
@@ -207,8 +210,12 @@ def test_generate_takes_seed_003_ddpm_sample_flags(trained, tmp_path):
     assert run_cli(generate_main, ["--save-dir", str(tmp_path / "ours"), "--batch-size", "2", "--chkpt-path",
                                    str(trained), "--num-samples", "3", "--use-ddim", "--ddim-steps", "4",
                                    "--skip-type", "quadratic", "--seed", "42", *common]) == 0
+    # the spellings of seed 003's own parameter list: --num_samples, --num_inference_steps
+    assert run_cli(generate_main, ["--output_dir", str(tmp_path / "doc"), "--batch_size", "2", "--model_path",
+                                   str(trained), "--num_samples", "3", "--num_inference_steps", "4", "--skip_type",
+                                   "quad", "--seed", "42", *common]) == 0
     seed, ours = _pngs(tmp_path / "seed"), _pngs(tmp_path / "ours")
-    assert len(seed) == 3 and seed == ours
+    assert len(seed) == 3 and seed == ours == _pngs(tmp_path / "doc")
     sampler = json.loads((tmp_path / "seed" / "generate.json").read_text())["sampler"]
     assert sampler["use_ddim"] and sampler["steps"] == 4 and sampler["skip_type"] == "quadratic"
 
