@@ -67,7 +67,8 @@ def _add(p, *names, **kw):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Prune a trained DDPM (magnitude, random, N:M) or extract the masks "
-                                            "of a pruned one. See README.md, 'Pruning'.")
+                                            "of a pruned one. See README.md, 'Pruning'. Other steps: "
+                                            "prune.py baseline_loss --help, prune.py export --help.")
     p.add_argument("--method", choices=sorted(METHODS), help="default magnitude (or --pruner)")
     p.add_argument("--pruner", choices=["magnitude", "random"], help="seed 003 spelling of --method")
     _add(p, "--pruning_method", choices=sorted(METHODS), help="seed 004 spelling of --method")
