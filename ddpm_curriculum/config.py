@@ -226,7 +226,8 @@ class MaskProConfig:
     source: str | None = opt(None, "Network to start from: a run directory or checkpoint (also prune.py's "
                              "`pruned.pt` and MaskPro runs), a ddpm-torch `.pt`, or a diffusers folder. "
                              "`learn` needs the dense (unpruned) network.")
-    masks: str | None = opt(None, "Mask file `{layer: bool}` (prune.py's `masks.pt`). null: `learn` starts from "
+    masks: str | None = opt(None, "Mask file `{layer: bool}` (prune.py's `masks.pt`) or a folder of "
+                            "`{layer}.pt` files (prune.py --mask_dir). null: `learn` starts from "
                             "N:M magnitude masks of the source; `finetune` uses the source's own masks "
                             "(a pruned or MaskPro checkpoint).")
     use_ema: bool = opt(True, "Take the source's EMA weights (when it has them).")

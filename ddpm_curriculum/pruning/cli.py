@@ -3,11 +3,17 @@
     python prune.py --method magnitude --model_path runs/quickstart-… --save_path runs/pruned --pruning_ratio 0.5
     python prune.py --method nm --n 2 --m 4 --model_path google-ddpm-cifar10-32/ --save_path runs/nm24
     python prune.py --method extract --model_path runs/finetune-… --save_path runs/final --n 2 --m 4
+    python prune.py extract --model_path runs/pruned --output_dir initial_mask_diffusion     # seed 003 layout
+    python prune.py baseline_loss --original_model ddpm-cifar10-32 --initial_mask_path initial_mask_diffusion
+    python prune.py export --format diffusers --model_path runs/final/pruned.pt --save_path runs/final_diffusers
 
 Writes into ``--save_path``: ``pruned.pt`` (a normal checkpoint whose pruned weights are 0, plus its
 ``masks``), ``masks.pt`` (``{layer_name: bool}``, True = kept), ``pruning_stats.json``, ``nm_compact.pt``
 (kept values + index patterns, when every mask is N:M), ``preview.png``, and for ``twoscale`` models the
-oracle metrics before (``eval_original.json``) and after (``eval.json``) pruning.
+oracle metrics before (``eval_original.json``) and after (``eval.json``) pruning; with ``--mask_dir`` (seed 003's
+``--output_dir``) also one ``{layer_name}.pt`` per mask and ``extraction_summary.txt``. The first argument may
+name a step instead: a method (``prune.py extract …`` = ``--method extract``) or one of ``STEPS``
+(``baseline_loss``, ``export``: see ``steps.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from ..errors import UserError
 from ..training.checkpoint import FORMAT_VERSION, atomic_torch_save, load_network
 from ..training.reporting import evaluate_samples, save_grid
 from .magnitude import SCOPES, magnitude_masks, random_masks
-from .masks import DEFAULT_PROTECT, apply_masks, masks_from_nonzero, save_masks, select_layers, sparsity_summary
+from .masks import (DEFAULT_PROTECT, apply_masks, masks_from_nonzero, save_mask_dir, save_masks, select_layers,
+                    sparsity_summary)
 from .nm import NM_ORDERS, check_nm, export_compact, nm_eligible, nm_mask
 
 
@@ -60,11 +67,15 @@ def _add(p, *names, **kw):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Prune a trained DDPM (magnitude, random, N:M) or extract the masks "
-                                            "of a pruned one. See README.md, 'Pruning'.")
+                                            "of a pruned one. See README.md, 'Pruning'. Other steps: "
+                                            "prune.py baseline_loss --help, prune.py export --help.")
     p.add_argument("--method", choices=sorted(METHODS), help="default magnitude (or --pruner)")
     p.add_argument("--pruner", choices=["magnitude", "random"], help="seed 003 spelling of --method")
+    _add(p, "--pruning_method", choices=sorted(METHODS), help="seed 004 spelling of --method")
     _add(p, "--model_path", required=True, help="run dir / checkpoint / pruned.pt / ddpm-torch .pt / diffusers folder")
-    _add(p, "--save_path", required=True, help="output directory")
+    _add(p, "--save_path", help="output directory (default: --output_dir)")
+    _add(p, "--mask_dir", "--output_dir", help="also write one {layer_name}.pt mask per layer and "
+         "extraction_summary.txt here (seed 003's get_mask_diffusion.py --output_dir)")
     _add(p, "--pruning_ratio", type=float, default=0.5, help="share of weights set to 0 (magnitude, random)")
     p.add_argument("--scope", choices=SCOPES, default="layer", help="magnitude: ratio per layer or over all layers")
     p.add_argument("--n", type=int, default=2, help="N of N:M (nm; compliance reported for every method)")
@@ -86,9 +97,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     _add(p, "--preview_samples", type=int, default=16, help="images in preview.png (0: none)")
     _add(p, "--sample_steps", type=int, help="DDIM steps for preview/eval (default train.sample_steps)")
     args = p.parse_args(argv)
-    if args.pruner and args.method not in (None, "magnitude", "random"):
-        raise UserError(f"--pruner {args.pruner} conflicts with --method {args.method}; give one of them")
-    args.method = args.method or args.pruner or "magnitude"
+    given = {flag: v for flag, v in (("--method", args.method), ("--pruner", args.pruner),
+                                     ("--pruning_method", args.pruning_method)) if v}
+    if len(set(given.values())) > 1:
+        (f1, v1), (f2, v2) = [(f, v) for f, v in given.items()][:2]
+        raise UserError(f"{f1} {v1} conflicts with {f2} {v2}; give one of them")
+    args.method = next(iter(given.values()), "magnitude")
+    args.save_path = args.save_path or args.mask_dir
+    if not args.save_path:
+        raise UserError("prune.py needs --save_path DIR (or --output_dir DIR, seed 003's mask folder)")
     check_nm(args.n, args.m, args.nm_order)
     return args
 
@@ -175,11 +192,9 @@ def save_pruned(out: Path, net, masks: dict, stats: dict, args) -> None:
         stats["export"] = {"file": None, "note": f"masks are not all {args.n}:{args.m}; no compact export"}
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from .. import dist
-
-    device = dist.init(args.device)  # one process: just picks the device
+def load_source_network(args):
+    """``args.model_path`` (EMA weights unless ``args.no_ema``, ``--set`` overrides), with ``--dataset`` naming
+    the dataset of an imported network."""
     net = load_network(args.model_path, use_ema=not args.no_ema, overrides=args.overrides)
     if args.dataset and args.dataset != net.config.dataset.name:
         if net.format not in IMPORTED_FORMATS:  # its config names the dataset it was trained on
@@ -188,21 +203,45 @@ def main(argv=None) -> int:
                             f"dataset of an imported ddpm-torch/diffusers network: drop it")
         net = load_network(args.model_path, use_ema=not args.no_ema,
                            overrides=[f"dataset.name={args.dataset}", *args.overrides])
+    return net
+
+
+def main(argv=None) -> int:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in METHODS:  # ``prune.py extract …`` = ``prune.py --method extract …``
+        argv = ["--method", *argv]
+    elif argv and not argv[0].startswith("-"):
+        from .steps import STEPS
+
+        if argv[0] not in STEPS:
+            raise UserError(f"unknown step {argv[0]!r}; give a method ({', '.join(sorted(METHODS))}) or a step "
+                            f"({', '.join(sorted(STEPS))}) first, or options only")
+        return STEPS[argv[0]](argv[1:])
+    args = parse_args(argv)
+    from .. import dist
+
+    device = dist.init(args.device)  # one process: just picks the device
+    net = load_source_network(args)
     out = Path(args.save_path)
     out.mkdir(parents=True, exist_ok=True)
     print(f"loaded {net.format} network from {net.source} ({net.weights} weights, step {net.step})")
     before = evaluate(net, args, net.model, out / "eval_original.json", device)
     masks, stats = prune(net, args)
     save_pruned(out, net, masks, stats, args)
+    if args.mask_dir:
+        save_mask_dir(args.mask_dir, masks, f"masks of {net.source} ({net.weights} weights), method {args.method}: "
+                                            f"one {{layer_name}}.pt per layer, bool, True = kept")
     after = evaluate(net, args, net.model, out / "eval.json", device)
     stats["oracle_metrics"] = {"before": before, "after": after} if after is not None else None
     (out / "pruning_stats.json").write_text(json.dumps(stats, indent=2))
     preview(net, args, net.model, out / "preview.png", device)
-    _report(stats, out)
+    _report(stats, out, args.mask_dir)
     return 0
 
 
-def _report(stats: dict, out: Path) -> None:
+def _report(stats: dict, out: Path, mask_dir=None) -> None:
     t = stats["totals"]
     comp = "n/a" if t["nm_compliance"] is None else f"{100 * t['nm_compliance']:.1f}%"
     print(f"{stats['method']}: {t['layers']} layers pruned to {100 * t['layer_sparsity']:.1f}% sparsity "
@@ -220,4 +259,5 @@ def _report(stats: dict, out: Path) -> None:
         if metrics:
             print(f"oracle metrics {when}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                         if k != "num_samples"))
-    print(f"wrote {out}/pruned.pt, masks.pt, pruning_stats.json")
+    print(f"wrote {out}/pruned.pt, masks.pt, pruning_stats.json"
+          + (f"; {len(stats['layers'])} mask files in {mask_dir}" if mask_dir else ""))

@@ -41,6 +41,13 @@ from .nm import (check_nm, kept_per_group, nm_eligible, nm_groups, nm_mask, nm_u
                  top_n_positions)
 
 DEFAULT_LR, DEFAULT_LOGITS_MAGNITUDE, DEFAULT_BETA = 50.0, 10.0, 0.99
+# How to get a mask MaskPro can start from. MaskPro learns N:M masks only: it keeps exactly N of every group
+# of M, so an unstructured mask (seed 003 starts from a 30% magnitude prune) has no N:M distribution to start at.
+NM_INITIAL_MASK_HINT = ("MaskPro learns N:M masks and starts from exact {n}:{m} masks, not unstructured ones (such as "
+                        "a magnitude/random --pruning_ratio prune): make them from the dense network with "
+                        "prune.py --method nm --n {n} --m {m} --model_path DENSE --save_path DIR and set "
+                        "maskpro.masks=DIR/masks.pt (without maskpro.masks each layer starts from its {n}:{m} "
+                        "magnitude mask)")
 GENERAL_N_CHUNK = 1 << 16  # groups per chunk of the N! orderings tensor [chunk, N!, N] (float64)
 PAIR_CHUNK = 1 << 20  # groups per chunk of the N = 2 closed form ([chunk, M] float64 temporaries)
 
@@ -145,10 +152,13 @@ class MaskProLayer(nn.Module):
     weight's shape. ``forward(x)`` is the layer with weight ⊙ mask.
     """
 
-    def __init__(self, layer: nn.Conv2d | nn.Linear, n: int, m: int, initial_mask: torch.Tensor | None = None,
-                 order: str = "asp", logits_magnitude: float = DEFAULT_LOGITS_MAGNITUDE):
+    def __init__(self, original_layer: nn.Conv2d | nn.Linear, n: int = 2, m: int = 4,
+                 initial_mask: torch.Tensor | None = None, order: str = "asp",
+                 logits_magnitude: float = DEFAULT_LOGITS_MAGNITUDE):
+        # ``original_layer`` and the 2:4 defaults are seed 004's spelling: MaskProLayer(original_layer=conv, n=2, m=4)
         super().__init__()
         check_nm(n, m, order)
+        layer = original_layer
         if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
             raise UserError(f"MaskProLayer supports zero-padded convolutions only, got {layer.padding_mode!r}")
         if not nm_eligible(layer.weight.shape, m, order):
@@ -164,7 +174,7 @@ class MaskProLayer(nn.Module):
         init = init.to(self.weight.device)
         if tuple(init.shape) != tuple(self.weight.shape) or not bool((kept_per_group(init, m, order) == n).all()):
             raise UserError(f"the initial mask of a {tuple(self.weight.shape)} layer is not exactly {n}:{m} "
-                            f"({order} order); MaskPro starts from an N:M mask: make one with prune.py --method nm")
+                            f"({order} order); {NM_INITIAL_MASK_HINT.format(n=n, m=m)}")
         self.register_buffer("initial_mask", init.clone(), persistent=False)
         self.register_buffer("mask", init.clone(), persistent=False)
         self.register_buffer("logits", nm_groups(init, m, order).float() * logits_magnitude, persistent=False)
@@ -231,6 +241,15 @@ def wrap_model_with_maskpro(model: nn.Module, n: int = 2, m: int = 4, target_lay
         if ineligible:
             raise UserError(f"the initial masks cover layers that cannot be {n}:{m} ({order} order): "
                             f"{ineligible[:5]}; make the masks with prune.py --method nm")
+        not_nm = {k: kept_per_group(initial_masks[k].bool(), m, order) for k, v in layers.items()
+                  if tuple(initial_masks[k].shape) == tuple(v.weight.shape) and nm_eligible(v.weight.shape, m, order)}
+        not_nm = {k: g for k, g in not_nm.items() if not bool((g == n).all())}
+        if not_nm:
+            name, kept = next(iter(not_nm.items()))
+            raise UserError(f"{len(not_nm)} of the {len(layers)} initial masks are not exactly {n}:{m} (e.g. "
+                            f"'{name}' keeps {int(kept.min())}..{int(kept.max())} of every {m}, "
+                            f"{100 * float(kept.sum()) / (kept.numel() * m):.1f}% overall); "
+                            + NM_INITIAL_MASK_HINT.format(n=n, m=m))
     layers = {k: v for k, v in layers.items() if nm_eligible(v.weight.shape, m, order)}
     if not layers:
         raise UserError("no layer to learn a mask for (check maskpro.target_layers and the mask file)")
@@ -259,7 +278,8 @@ def get_model_sparsity_summary(model: nn.Module, n: int | None = None, m: int | 
     """Per-layer and overall sparsity and N:M compliance of a (possibly MaskPro-wrapped) network.
 
     Wrapped layers report their learned top-N mask; other Conv2d/Linear layers their weights' nonzeros.
-    N, M and the order default to the wrapped layers' (2:4, asp without any).
+    N, M and the order default to the wrapped layers' (2:4, asp without any). Keys: ``layers``, ``totals``
+    (see ``sparsity_summary``) and ``overall_stats`` (seed 004's name: see ``overall_stats``).
     """
     wrapped = maskpro_layers(model)
     first = next(iter(wrapped.values()), None)
@@ -268,7 +288,22 @@ def get_model_sparsity_summary(model: nn.Module, n: int | None = None, m: int | 
     order = order or (first.order if first else "asp")
     masks = {name: layer.top_mask() for name, layer in wrapped.items()}
     names = [k for k, v in model.named_modules() if isinstance(v, (nn.Conv2d, nn.Linear, MaskProLayer))]
-    return sparsity_summary(model, masks, n, m, order, layers=names)
+    summary = sparsity_summary(model, masks, n, m, order, layers=names)
+    summary["overall_stats"] = overall_stats(summary, list(wrapped) or names)
+    return summary
+
+
+def overall_stats(summary: dict, names: list[str]) -> dict:
+    """Seed 004's ``summary['overall_stats']``: sparsity and N:M compliance over the MaskPro layers ``names``
+    (``overall_sparsity`` = 0.5 for 2:4 masks); ``network_sparsity`` is the whole network's (``totals``)."""
+    rows = [summary["layers"][k] for k in names]
+    params, kept = sum(r["params"] for r in rows), sum(r["kept"] for r in rows)
+    eligible = [r for r in rows if r["nm_compliance"] is not None]
+    weight = sum(r["params"] for r in eligible)
+    return {"layers": len(rows), "total_params": params, "kept_params": kept, "pruned_params": params - kept,
+            "overall_sparsity": 1.0 - kept / max(params, 1),
+            "nm_compliance": sum(r["nm_compliance"] * r["params"] for r in eligible) / weight if weight else None,
+            "network_sparsity": summary["totals"]["overall_sparsity"]}
 
 
 # ------------------------------------------------------------------------------------------- update

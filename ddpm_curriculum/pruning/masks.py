@@ -92,9 +92,65 @@ def save_masks(path: str | Path, masks: dict[str, torch.Tensor]) -> None:
     atomic_torch_save(Path(path), {name: keep.bool().cpu() for name, keep in masks.items()})
 
 
+# Seed 003's mask folder (Maskpro/get_mask_diffusion.py): one ``{layer_name}.pt`` per layer holding its bool
+# mask (True = kept), and a human-readable summary. The layer names are this project's module names.
+MASK_DIR_SUMMARY = "extraction_summary.txt"
+# prune.py's other outputs, which share the folder when only --output_dir is given: not layer masks
+NOT_LAYER_MASKS = ("pruned.pt", "masks.pt", "nm_compact.pt")
+
+
+def save_mask_dir(directory: str | Path, masks: dict[str, torch.Tensor], header: str = "") -> Path:
+    """Write ``{layer_name}.pt`` (a bool tensor) per mask and ``extraction_summary.txt`` into ``directory``."""
+    from ..atomic import atomic_write
+    from ..training.checkpoint import atomic_torch_save
+
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the mask folder {directory} ({exc.strerror or exc}); choose a writable "
+                        f"place") from None
+    lines = [header] if header else []
+    total = kept_total = 0
+    for name, keep in masks.items():
+        keep = keep.bool().cpu()
+        atomic_torch_save(directory / f"{name}.pt", keep.clone())
+        kept = int(keep.sum())
+        total, kept_total = total + keep.numel(), kept_total + kept
+        lines.append(f"{name}.pt  shape {list(keep.shape)}  kept {kept}/{keep.numel()}  "
+                     f"sparsity {1 - kept / keep.numel():.4f}")
+    lines.append(f"total: {len(masks)} layers, kept {kept_total}/{total}, "
+                 f"sparsity {1 - kept_total / max(total, 1):.4f}")
+    text = "\n".join(lines) + "\n"
+    atomic_write(directory / MASK_DIR_SUMMARY, lambda f: f.write(text.encode()))
+    return directory
+
+
+def _load_mask_dir(directory: Path) -> dict[str, torch.Tensor]:
+    files = sorted(p for p in directory.glob("*.pt") if p.name not in NOT_LAYER_MASKS)
+    if not files:
+        raise UserError(f"mask folder {directory} holds no .pt mask files; make one with prune.py --method extract "
+                        f"--mask_dir {directory}")
+    masks = {}
+    for f in files:
+        try:
+            keep = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise UserError(f"cannot read mask file {f} ({type(exc).__name__}); re-create the folder with "
+                            f"prune.py --method extract --mask_dir") from None
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
+            raise UserError(f"{f} does not hold one bool mask tensor; re-create the folder with prune.py "
+                            f"--method extract --mask_dir")
+        masks[f.name[:-len(".pt")]] = keep
+    return masks
+
+
 def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
-    """A masks file ``{layer_name: bool tensor}``; a pruned checkpoint's ``masks`` entry is accepted too."""
+    """A masks file ``{layer_name: bool tensor}``, or a folder of ``{layer_name}.pt`` files (seed 003's layout,
+    ``save_mask_dir``); a pruned checkpoint's ``masks`` entry is accepted too."""
     path = Path(path)
+    if path.is_dir():
+        return _load_mask_dir(path)
     if not path.is_file():
         raise UserError(f"mask file not found: {path}; make one with prune.py (masks.pt in its --save_path)")
     try:

@@ -13,8 +13,9 @@ from .samplers import SamplerSpec
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Sample a trained DDPM into a folder of numbered PNGs "
                                             "(reproducible per image, resumable, torchrun-sharded).")
-    p.add_argument("--chkpt-path", "--checkpoint", dest="checkpoint", required=True,
+    p.add_argument("--chkpt-path", "--checkpoint", "--model_path", dest="checkpoint",
                    help="checkpoint file, or a run directory (its latest checkpoint)")
+    p.add_argument("--pruned_model_ckpt", help="seed 003: sample this checkpoint instead of --model_path")
     ema = p.add_mutually_exclusive_group()
     ema.add_argument("--no-ema", dest="use_ema", action="store_false", help="use the raw (non-EMA) weights")
     ema.add_argument("--use-ema", dest="use_ema", action="store_true", default=True,
@@ -25,13 +26,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM: η (0 = deterministic, 1 = DDPM-like noise)")
     p.add_argument("--skip-type", "--skip-schedule", dest="skip_type", default="uniform",
                    help="DDIM: spacing of the visited timesteps, uniform (default) or quadratic")
+    # seed 003 (ddpm_sample.py) always samples with DDIM: its step/spacing options imply --use-ddim
+    p.add_argument("--ddim_steps", "--num_inference_steps", dest="seed_ddim_steps", type=int,
+                   help="seed 003: --use-ddim --ddim-steps N")
+    p.add_argument("--skip_type", dest="seed_skip_type", help="seed 003: --use-ddim --skip-type, uniform or quad")
     p.add_argument("--t-max", type=int, help="start from this timestep (index ≤ T−1) instead of T−1")
-    p.add_argument("--num-samples", "--total-size", dest="num_samples", type=int, default=50000,
+    p.add_argument("--num-samples", "--total-size", "--total_samples", "--num_samples", dest="num_samples", type=int,
+                   default=50000,
                    help="images 0 … N−1 (default 50000, the standard FID sample count)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (per process)")
+    p.add_argument("--batch-size", "--batch_size", type=int, default=128, help="images per forward pass (per process)")
     p.add_argument("--seed", type=int, default=0, help="image i is a function of (seed, i)")
-    p.add_argument("--save-dir", help="output folder (default images/eval/<dataset>/<step, weights, sampler, "
-                                      "seed>)")
+    p.add_argument("--save-dir", "--output_dir", dest="save_dir",
+                   help="output folder (default images/eval/<dataset>/<step, weights, sampler, seed>)")
     p.add_argument("--npz", nargs="?", const="", metavar="PATH",
                    help="also write all images as uint8 NHWC under key arr_0 (default name "
                         "<save-dir>/samples_NxHxWxC.npz)")
@@ -39,7 +45,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", help="optional check: the dataset the checkpoint must have been trained on")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    return p.parse_args(argv)
+    return seed_spellings(p.parse_args(argv))
+
+
+# seed 003's --skip_type (the DDIM paper's code: uniform, quad) → this project's DDIM timestep spacing
+SEED_SKIP_TYPES = {"uniform": "uniform", "quad": "quadratic", "quadratic": "quadratic"}
+
+
+def seed_spellings(args: argparse.Namespace) -> argparse.Namespace:
+    """Resolve seed 003's options (``ddpm_sample.py``) into the project's: ``--pruned_model_ckpt`` replaces the
+    checkpoint, ``--ddim_steps`` / ``--skip_type`` select DDIM with those settings."""
+    args.checkpoint = args.pruned_model_ckpt or args.checkpoint
+    if not args.checkpoint:
+        raise UserError("generate.py needs the network: --chkpt-path PATH (seed 003: --model_path PATH)")
+    if args.seed_skip_type is not None:
+        if args.seed_skip_type not in SEED_SKIP_TYPES:
+            raise UserError(f"--skip_type {args.seed_skip_type!r} is not supported; choose uniform or quad "
+                            f"(= --skip-type quadratic)")
+        args.use_ddim, args.skip_type = True, SEED_SKIP_TYPES[args.seed_skip_type]
+    if args.seed_ddim_steps is not None:
+        args.use_ddim, args.ddim_steps = True, args.seed_ddim_steps
+    return args
 
 
 MAX_SAMPLES = 10 ** 6  # file names have six digits, so name order is index order (eval.py reads sorted names)
