@@ -148,9 +148,10 @@ def describe_plan(cfg: Config) -> str:
     from .sampler import ShardedBatchSampler
 
     try:
-        n = len(make_dataset(cfg))
+        dataset = make_dataset(cfg)
+        n = len(dataset)
     except UserError as exc:
-        n, spe, note = None, None, f"(dataset not available: {exc})"
+        dataset, n, spe, note = None, None, None, f"(dataset not available: {exc})"
     else:  # the real run's check, with its message (e.g. fewer samples than one batch)
         spe, note = ShardedBatchSampler(n, cfg.train.batch_size, 0, 1, cfg.train.seed).steps_per_epoch, ""
     diffusion, T, cur = make_diffusion(cfg), cfg.diffusion.timesteps, cfg.curriculum
@@ -179,8 +180,21 @@ def describe_plan(cfg: Config) -> str:
             length = f"{s.epochs} epochs" if s.epochs is not None else f"{s.steps} steps"
             lines.append(f"  stage {i + 1} {s.name or f'stage{i + 1}'}: t in [{lo}, {hi}], {length}"
                          f"{' (runs to the end)' if i == len(stages) - 1 else ''}{'; ' + notes[i] if notes else ''}")
+    lines += class_lines(cfg, dataset)
     lines += feature_window_lines(cfg, diffusion)
     return "\n".join(lines)
+
+
+def class_lines(cfg: Config, dataset) -> list[str]:
+    """The classes with their image counts (labelled datasets), and whether the network is conditioned on them."""
+    from ..data import class_counts
+
+    counts = class_counts(dataset) if dataset is not None else None
+    k = cfg.model.num_classes
+    cond = f"class-conditional, {k} classes, cond_drop_prob {cfg.train.cond_drop_prob:g}" if k else "unconditional"
+    if counts is None:
+        return [f"model: {cond}"] if k else []
+    return [f"classes ({len(counts)}; model {cond}): " + ", ".join(f"{name} {c}" for name, c in counts.items())]
 
 
 def _variant_lines(cfg: Config) -> list[str]:
