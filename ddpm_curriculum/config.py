@@ -45,7 +45,7 @@ class DatasetConfig:
                     "(`celeba32`/`celeba64` fix image_size), `image_folder`.",
                     choices=["twoscale", "cifar10", "celeba", "celeba32", "celeba64", "image_folder"])
     root: str | None = opt(None, "Dataset location; null = from `.env`/environment "
-                           "(`CIFAR10_PATH`, `CELEBA_PATH`, `DATA_ROOT`).")
+                           "(`CIFAR10_PATH`, `CELEBA_PATH`, `DATA_ROOT`; `IMAGE_FOLDER_PATH` for image_folder).")
     image_size: int | None = opt(None, "Side length in pixels; null = dataset default "
                                  "(twoscale 16, cifar10 32, celeba 64). Required for image_folder.", lo=4, hi=4096)
     random_flip: bool | None = opt(None, "Random horizontal flip while training; null = on for "

@@ -1,7 +1,7 @@
 """Natural-image datasets: CIFAR-10 (python-pickle batches), CelebA (aligned JPEGs), any image folder.
 
 Items are ``(x [3,H,W] float32 in [-1, 1], label)``. Roots come from the config, else from the
-environment / ``.env`` (``CIFAR10_PATH``, ``CELEBA_PATH``, ``DATA_ROOT``). A missing or malformed
+environment / ``.env`` (``CIFAR10_PATH``, ``CELEBA_PATH``, ``DATA_ROOT``; ``IMAGE_FOLDER_PATH`` for image folders). A missing or malformed
 dataset raises a one-line UserError saying what was expected where and how to set it.
 """
 
@@ -35,6 +35,14 @@ def env_path(var: str, data_root_sub: str) -> str | None:
     if os.environ.get("DATA_ROOT"):
         return str(Path(os.environ["DATA_ROOT"]) / data_root_sub)
     return None
+
+
+def env_value(var: str) -> str | None:
+    """``$VAR`` (a ``.env`` in the working directory counts), or None."""
+    from dotenv import find_dotenv, load_dotenv
+
+    load_dotenv(find_dotenv(usecwd=True), override=False)
+    return os.environ.get(var) or None
 
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
@@ -220,8 +228,10 @@ class ImageFolder(_Flippable):
 
     def __init__(self, root: str | None, image_size: int | None, random_flip: bool = True, labels: str = "none",
                  split: str | None = None, cache: bool = False, cache_dir: str | None = None):
+        root = root or env_value("IMAGE_FOLDER_PATH")
         if not root:
-            raise UserError("dataset 'image_folder' needs dataset.root (a folder of images)")
+            raise UserError("dataset 'image_folder' needs dataset.root (a folder of images), or IMAGE_FOLDER_PATH "
+                            "in .env")
         if not image_size:
             raise UserError("dataset 'image_folder' needs dataset.image_size (e.g. 32)")
         folder = Path(root)

@@ -27,11 +27,12 @@ def image_shape(cfg: Config) -> tuple[int, int, int]:
     return tuple(dataset_image_shape(d.name, image_size=d.image_size, **_ts(d)))
 
 
-def make_dataset(cfg: Config, split: str = "train"):
-    """The training dataset, unflipped: flips are drawn per step by the trainer (exact resume)."""
+def make_dataset(cfg: Config, split: str = "train", use_cache: bool = True):
+    """The training dataset, unflipped: flips are drawn per step by the trainer (exact resume). ``use_cache``
+    False skips ``dataset.cache`` (listing the files without decoding them, e.g. for ``--dry-run``)."""
     d = cfg.dataset
     return build_dataset(d.name, root=d.root, image_size=d.image_size, split=split, random_flip=False,
-                         download=d.download, labels=d.labels, folder_split=d.split, cache=d.cache,
+                         download=d.download, labels=d.labels, folder_split=d.split, cache=d.cache and use_cache,
                          cache_dir=d.cache_dir, **_ts(d))
 
 

@@ -148,7 +148,7 @@ def describe_plan(cfg: Config) -> str:
     from .sampler import ShardedBatchSampler
 
     try:
-        dataset = make_dataset(cfg)
+        dataset = make_dataset(cfg, use_cache=False)  # lists the files; decoding waits for the run
         n = len(dataset)
     except UserError as exc:
         dataset, n, spe, note = None, None, None, f"(dataset not available: {exc})"
