@@ -273,7 +273,7 @@ def test_conditional_grid_has_one_row_per_class(tmp_path):
 
 def gen(*args):
     return subprocess.run([sys.executable, "generate.py", *args], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          check=False, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -383,7 +383,7 @@ def test_class_names_are_recorded_and_checked(tmp_path):
 
 def train_script(*args):
     return subprocess.run([sys.executable, "train_curriculum.py", *args], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          timeout=300, check=False, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_dry_run_counts_images_per_class(tmp_path):
@@ -416,7 +416,8 @@ def test_decoded_image_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     from ddpm_curriculum.data import images
 
     root = _folder(tmp_path / "d")
-    kw = dict(root=str(root), image_size=8, labels="subfolders", cache=True, cache_dir=str(tmp_path / "c"))
+    kw = {"root": str(root), "image_size": 8, "labels": "subfolders", "cache": True,
+          "cache_dir": str(tmp_path / "c")}
     first = build_dataset("image_folder", **kw)
     plain = build_dataset("image_folder", root=str(root), image_size=8, labels="subfolders", random_flip=False)
     first.random_flip = False
