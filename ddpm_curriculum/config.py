@@ -56,9 +56,10 @@ class DatasetConfig:
                       "position in the sorted folder names).", choices=["none", "subfolders"])
     split: str | None = opt(None, "image_folder: read the subfolder root/<split> (e.g. `train`, `test`); "
                             "null = root itself.")
-    class_names: list[str] = opt([], "The classes in label order. Filled in when a run starts (from the class "
-                                 "subfolders, or CIFAR-10's and twoscale's fixed names) and recorded in config.json "
-                                 "and every checkpoint; a non-empty list that differs from the data is an error.")
+    class_names: list[str] = opt([], "The classes in label order. Filled in when a run uses labels "
+                                 "(model.num_classes > 0 or labels `subfolders`) from the class subfolders, or "
+                                 "CIFAR-10's and twoscale's fixed names, and recorded in config.json and every "
+                                 "checkpoint; a non-empty list that differs from the data is an error.")
     cache: bool = opt(False, "image_folder/celeba: decode every image once into a uint8 array cached as .npy "
                       "(keyed by folder, file list with sizes and mtimes, and image size) and read that on "
                       "later runs.")

@@ -73,5 +73,5 @@ def build_dataset(name: str, *, root: str | None = None, image_size: int | None 
                        cache_dir=cache_dir)
 
 
-__all__ = ["DATASETS", "build_dataset", "class_names", "class_counts", "dataset_image_shape", "TwoScaleDataset", "CIFAR10", "CelebA",
-           "ImageFolder"]
+__all__ = ["DATASETS", "build_dataset", "class_names", "class_counts", "dataset_image_shape", "TwoScaleDataset",
+           "CIFAR10", "CelebA", "ImageFolder"]

@@ -1,8 +1,8 @@
 """Natural-image datasets: CIFAR-10 (python-pickle batches), CelebA (aligned JPEGs), any image folder.
 
 Items are ``(x [3,H,W] float32 in [-1, 1], label)``. Roots come from the config, else from the
-environment / ``.env`` (``CIFAR10_PATH``, ``CELEBA_PATH``, ``DATA_ROOT``; ``IMAGE_FOLDER_PATH`` for image folders). A missing or malformed
-dataset raises a one-line UserError saying what was expected where and how to set it.
+environment / ``.env`` (``CIFAR10_PATH``, ``CELEBA_PATH``, ``DATA_ROOT``; ``IMAGE_FOLDER_PATH`` for image folders).
+A missing or malformed dataset raises a one-line UserError saying what was expected where and how to set it.
 """
 
 from __future__ import annotations

@@ -346,7 +346,8 @@ class CurriculumTrainer:
     def _after_step(self, stage, bar) -> None:
         t = self.cfg.train
         # also at --stop-at-step, so the per-t sample counts of metrics.jsonl (exposure) miss no step
-        if self.step % t.log_intv == 0 or self.step in (self.total_steps, self.stop_at_step):
+        last = (self.total_steps, self.stop_at_step, self.early_stop.stopped_at)
+        if self.step % t.log_intv == 0 or self.step in last:
             fields = {}
             for ext in self.extensions:
                 fields.update(ext.log_fields(self))
