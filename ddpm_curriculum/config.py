@@ -45,12 +45,26 @@ class DatasetConfig:
                     "(`celeba32`/`celeba64` fix image_size), `image_folder`.",
                     choices=["twoscale", "cifar10", "celeba", "celeba32", "celeba64", "image_folder"])
     root: str | None = opt(None, "Dataset location; null = from `.env`/environment "
-                           "(`CIFAR10_PATH`, `CELEBA_PATH`, `DATA_ROOT`).")
+                           "(`CIFAR10_PATH`, `CELEBA_PATH`, `DATA_ROOT`; `IMAGE_FOLDER_PATH` for image_folder).")
     image_size: int | None = opt(None, "Side length in pixels; null = dataset default "
                                  "(twoscale 16, cifar10 32, celeba 64). Required for image_folder.", lo=4, hi=4096)
     random_flip: bool | None = opt(None, "Random horizontal flip while training; null = on for "
                                    "natural images, off for twoscale (it would break the prototypes).")
     download: bool = opt(False, "Download CIFAR-10 when it is missing (needs internet).")
+    labels: str = opt("none", "image_folder: `none` (every image below root, label unknown) or `subfolders` (the "
+                      "torchvision ImageFolder convention: each subfolder of root is a class, class index = "
+                      "position in the sorted folder names).", choices=["none", "subfolders"])
+    split: str | None = opt(None, "image_folder: read the subfolder root/<split> (e.g. `train`, `test`); "
+                            "null = root itself.")
+    class_names: list[str] = opt([], "The classes in label order. Filled in when a run uses labels "
+                                 "(model.num_classes > 0 or labels `subfolders`) from the class subfolders, or "
+                                 "CIFAR-10's and twoscale's fixed names, and recorded in config.json and every "
+                                 "checkpoint; a non-empty list that differs from the data is an error.")
+    cache: bool = opt(False, "image_folder/celeba: decode every image once into a uint8 array cached as .npy "
+                      "(keyed by folder, file list with sizes and mtimes, and image size) and read that on "
+                      "later runs.")
+    cache_dir: str | None = opt(None, "Where `cache` keeps its arrays; null = `DDPM_CACHE_DIR` from `.env`/the "
+                                "environment, else ~/.cache/ddpm_curriculum.")
     channels: int = opt(3, "twoscale: image channels.", lo=1)
     k1: int = opt(4, "twoscale: number of major classes (low-frequency prototypes).", lo=1)
     k2: int = opt(4, "twoscale: minor sub-classes per major class (high-frequency prototypes).", lo=1)
@@ -90,6 +104,9 @@ class ModelConfig:
                            "which normalises away the time embedding: use 16 with hid_channels 32.", lo=1)
     norm_eps: float = opt(1e-6, "GroupNorm epsilon (1e-6 as in TF DDPM and diffusers; ddpm-torch used 1e-5).",
                           lo=0.0, lo_open=True)
+    num_classes: int = opt(0, "Class conditioning: number of classes (a learned class embedding, key "
+                           "`class_embed`, added to the time embedding; index num_classes is the null label of "
+                           "classifier-free guidance); 0 = unconditional.", lo=0)
     channels_last: bool = opt(False, "Run convolutions in channels_last memory format "
                               "(faster on CPU and on tensor-core GPUs).")
     compile: bool = opt(False, "Wrap the network in `torch.compile`.")
@@ -114,6 +131,21 @@ class TrainConfig:
     betas: list[float] = opt([0.9, 0.999], "Adam β1, β2.")
     use_ema: bool = opt(True, "Keep an exponential moving average of the weights (used for samples).")
     ema_decay: float = opt(0.9999, "EMA decay per optimizer step.", lo=0.0, hi=1.0)
+    ema_update_every: int = opt(1, "Update the EMA after every k-th optimizer step (alias `ema_update_rate`, "
+                                "seed 002); its decay and warm-up count these updates.", lo=1)
+    ema_start_step: int = opt(0, "Before this optimizer step the EMA is a copy of the weights (at its update "
+                              "steps; alias `ema_start`, seed 002); averaging and its warm-up start here.", lo=0)
+    cond_drop_prob: float = opt(0.0, "Classifier-free guidance training: probability that a sample's class label is "
+                                "replaced by the null label (model.num_classes), so the network also learns the "
+                                "unconditional ε. Needs model.num_classes > 0.", lo=0.0, hi=1.0)
+    early_stop_loss_change: float | None = opt(None, "Early stopping: let L̄ be the EMA (factor "
+                                               "`early_stop_smoothing`) of the global-batch train loss; at every "
+                                               "step s that is a multiple of `early_stop_window` with s ≥ 2·window, "
+                                               "training ends (as at its last step) when |L̄_s − L̄_{s−window}| / "
+                                               "L̄_{s−window} < this. null = off.", lo=0.0, lo_open=True)
+    early_stop_window: int = opt(1000, "Early stopping: steps between the compared smoothed losses.", lo=1)
+    early_stop_smoothing: float = opt(0.99, "Early stopping: EMA factor β of L̄_s = β·L̄_{s−1} + (1−β)·loss_s "
+                                      "(L̄_1 = loss_1).", lo=0.0, hi=1.0)
     amp: str = opt("none", "Mixed precision (autocast; fp32 weights, optimizer, EMA): `none`, `bf16`, `fp16` "
                    "(CPU: `bf16` where it has native bf16, never `fp16`).",
                    choices=["none", "bf16", "fp16"])
@@ -338,10 +370,29 @@ def _check_range(value, meta: dict, path: str) -> None:
             raise UserError(f"config key '{path}' = {value!r} must be <= {hi}")
 
 
+# Other names accepted for a key (the seeds' spellings), per section: alias → key. Resolved configs use the key.
+KEY_ALIASES = {"TrainConfig": {"ema_update_rate": "ema_update_every", "ema_start": "ema_start_step"}}
+
+
+def _resolve_aliases(cls, data: dict, path: str) -> dict:
+    aliases = KEY_ALIASES.get(cls.__name__, {})
+    if not any(k in aliases for k in data):
+        return data
+    out = {}
+    for key, value in data.items():
+        name = aliases.get(key, key)
+        if name in out or (name != key and name in data):
+            full = f"{path}.{name}" if path else name
+            raise UserError(f"config key '{full}' is given twice (as '{name}' and its alias '{key}'); keep one")
+        out[name] = value
+    return out
+
+
 def _build(cls, data, path: str):
     """Build dataclass ``cls`` from a dict, rejecting unknown keys with a nearest-key hint."""
     if not isinstance(data, dict):
         raise UserError(f"config section '{path}' must be a JSON object, got {data!r}")
+    data = _resolve_aliases(cls, data, path)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -524,6 +575,19 @@ def validate(cfg: Config) -> None:
         raise UserError("modes CS and CR follow the curriculum stages; set 'curriculum.enabled' to true")
     _validate_variants(cfg)
     _validate_maskpro(cfg)
+    _validate_conditioning(cfg)
+
+
+def _validate_conditioning(cfg: Config) -> None:
+    if cfg.train.cond_drop_prob > 0 and cfg.model.num_classes == 0:
+        raise UserError(f"'train.cond_drop_prob' = {cfg.train.cond_drop_prob} drops class labels but the model is "
+                        f"unconditional; set model.num_classes or train.cond_drop_prob=0")
+    d = cfg.dataset
+    if d.name != "image_folder" and (d.labels != "none" or d.split is not None):
+        key = "labels" if d.labels != "none" else "split"
+        raise UserError(f"'dataset.{key}' applies to dataset 'image_folder' only (dataset is '{d.name}'); remove it")
+    if d.class_names and len(set(d.class_names)) != len(d.class_names):
+        raise UserError(f"'dataset.class_names' has repeated names: {d.class_names}")
 
 
 def _validate_variants(cfg: Config) -> None:
@@ -602,6 +666,9 @@ def config_markdown() -> str:
             if f.metadata.get("choices"):
                 doc += " One of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + "."
             lines.append(f"| `{f.name}` | `{json.dumps(default)}` | {doc} |")
+        aliases = KEY_ALIASES.get(cls.__name__)
+        if aliases:
+            lines += ["", "Aliases: " + ", ".join(f"`{a}` = `{k}`" for a, k in aliases.items()) + "."]
         lines.append("")
     return "\n".join(lines)
 

@@ -1,5 +1,6 @@
 """Datasets behind one registry. Every item is ``(image [C,H,W] float32, label int)``; natural images
-are in [-1, 1]; labels are -1 where unknown."""
+are in [-1, 1]; labels are -1 where unknown. A labelled dataset has ``class_names`` (label order); an
+unlabelled one has ``class_names = None``."""
 
 from __future__ import annotations
 
@@ -34,9 +35,32 @@ def dataset_image_shape(name: str, image_size: int | None = None, channels: int 
     return (channels if name == "twoscale" else 3, size, size)
 
 
+def class_names(dataset) -> list[str] | None:
+    """The dataset's classes in label order, or None when it has no labels."""
+    names = getattr(dataset, "class_names", None)
+    return list(names) if names is not None else None
+
+
+def class_counts(dataset) -> dict[str, int] | None:
+    """{class name: number of items} for datasets that hold their labels as a list (not twoscale's stream)."""
+    names, labels = class_names(dataset), getattr(dataset, "labels", None)
+    if names is None or labels is None:
+        return None
+    counts = [0] * len(names)
+    for label in labels:
+        counts[label] += 1
+    return dict(zip(names, counts))
+
+
 def build_dataset(name: str, *, root: str | None = None, image_size: int | None = None, split: str = "train",
-                  random_flip: bool | None = None, download: bool = False, **twoscale_kwargs):
-    """Instantiate a dataset by name (see ``DATASETS``; ``celeba32``/``celeba64`` fix the size)."""
+                  random_flip: bool | None = None, download: bool = False, labels: str = "none",
+                  folder_split: str | None = None, cache: bool = False, cache_dir: str | None = None,
+                  **twoscale_kwargs):
+    """Instantiate a dataset by name (see ``DATASETS``; ``celeba32``/``celeba64`` fix the size).
+
+    ``split`` is the train/test split of cifar10, celeba and twoscale; an image folder reads ``root/folder_split``
+    (``dataset.split``) instead, with ``labels`` from its subfolders or none. ``cache``: decoded-image cache of
+    image folders and CelebA (``cache.py``)."""
     name, size = _resolve(name, image_size)
     flip = random_flip if random_flip is not None else name != "twoscale"
     if name == "twoscale":
@@ -44,9 +68,10 @@ def build_dataset(name: str, *, root: str | None = None, image_size: int | None 
     if name == "cifar10":
         return CIFAR10(root, split=split, random_flip=flip, download=download)
     if name == "celeba":
-        return CelebA(root, image_size=size, split=split, random_flip=flip)
-    return ImageFolder(root, size, random_flip=flip)
+        return CelebA(root, image_size=size, split=split, random_flip=flip, cache=cache, cache_dir=cache_dir)
+    return ImageFolder(root, size, random_flip=flip, labels=labels, split=folder_split, cache=cache,
+                       cache_dir=cache_dir)
 
 
-__all__ = ["DATASETS", "build_dataset", "dataset_image_shape", "TwoScaleDataset", "CIFAR10", "CelebA",
-           "ImageFolder"]
+__all__ = ["DATASETS", "build_dataset", "class_names", "class_counts", "dataset_image_shape", "TwoScaleDataset",
+           "CIFAR10", "CelebA", "ImageFolder"]

@@ -1,8 +1,8 @@
 """Natural-image datasets: CIFAR-10 (python-pickle batches), CelebA (aligned JPEGs), any image folder.
 
 Items are ``(x [3,H,W] float32 in [-1, 1], label)``. Roots come from the config, else from the
-environment / ``.env`` (``CIFAR10_PATH``, ``CELEBA_PATH``, ``DATA_ROOT``). A missing or malformed
-dataset raises a one-line UserError saying what was expected where and how to set it.
+environment / ``.env`` (``CIFAR10_PATH``, ``CELEBA_PATH``, ``DATA_ROOT``; ``IMAGE_FOLDER_PATH`` for image folders).
+A missing or malformed dataset raises a one-line UserError saying what was expected where and how to set it.
 """
 
 from __future__ import annotations
@@ -37,6 +37,14 @@ def env_path(var: str, data_root_sub: str) -> str | None:
     return None
 
 
+def env_value(var: str) -> str | None:
+    """``$VAR`` (a ``.env`` in the working directory counts), or None."""
+    from dotenv import find_dotenv, load_dotenv
+
+    load_dotenv(find_dotenv(usecwd=True), override=False)
+    return os.environ.get(var) or None
+
+
 def to_tensor(img: np.ndarray) -> torch.Tensor:
     """uint8 HWC → float32 CHW in [-1, 1]."""
     return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
@@ -53,6 +61,8 @@ class _Flippable(Dataset):
 
 
 CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+# batches.meta's label_names, in label order
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def _latin1_bytes(text: str, encoding: str) -> bytes:
@@ -118,6 +128,7 @@ class CIFAR10(_Flippable):
     """The standard ``cifar-10-batches-py`` pickles; ``root`` is that folder or its parent."""
 
     image_shape = (3, 32, 32)
+    class_names = CIFAR_CLASSES
 
     def __init__(self, root: str | None = None, split: str = "train", random_flip: bool = True,
                  download: bool = False):
@@ -191,29 +202,86 @@ def load_image(path: Path, size: int, crop: tuple[int, int, int, int] | None = N
         raise UserError(f"cannot read image {path} ({type(exc).__name__}); remove or replace the file") from None
 
 
-class ImageFolder(_Flippable):
-    """Every image below ``root`` (recursive), resized and center-cropped to ``image_size``."""
+def find_classes(folder: Path) -> list[str]:
+    """Class names of a labelled folder: its subfolders, sorted (torchvision ``ImageFolder.find_classes``)."""
+    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
 
-    def __init__(self, root: str | None, image_size: int | None, random_flip: bool = True):
+
+def image_files(folder: Path) -> list[Path]:
+    """Every image below a class folder in torchvision's order: sorted ``os.walk`` (links followed), sorted names."""
+    return [Path(root) / name for root, _, names in sorted(os.walk(folder, followlinks=True))
+            for name in sorted(names) if name.lower().endswith(IMAGE_EXTENSIONS)]
+
+
+class ImageFolder(_Flippable):
+    """Images below ``root`` (or ``root/split``), resized and center-cropped to ``image_size``.
+
+    ``labels="none"``: every image below the folder (recursive), label −1. ``labels="subfolders"``: the
+    torchvision ImageFolder convention: each subfolder is a class, class index = position of its name in
+    sorted order (``class_names``), images anywhere below it; files directly in the folder are ignored.
+    ``cache``: decode all images once into a cached uint8 array (``cache.py``) instead of on every access.
+    """
+
+    labels: list[int] | None = None
+    class_names: list[str] | None = None
+    images: np.ndarray | None = None  # the decoded cache, when used
+
+    def __init__(self, root: str | None, image_size: int | None, random_flip: bool = True, labels: str = "none",
+                 split: str | None = None, cache: bool = False, cache_dir: str | None = None):
+        root = root or env_value("IMAGE_FOLDER_PATH")
         if not root:
-            raise UserError("dataset 'image_folder' needs dataset.root (a folder of images)")
+            raise UserError("dataset 'image_folder' needs dataset.root (a folder of images), or IMAGE_FOLDER_PATH "
+                            "in .env")
         if not image_size:
             raise UserError("dataset 'image_folder' needs dataset.image_size (e.g. 32)")
         folder = Path(root)
         if not folder.is_dir():
             raise UserError(f"image folder not found: {folder}; set dataset.root to an existing folder")
-        self.files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if split:
+            if not (folder / split).is_dir():
+                raise UserError(f"split folder {folder / split} not found (dataset.split = {split!r}); "
+                                f"subfolders of {folder}: {find_classes(folder)}")
+            folder = folder / split
+        if labels == "subfolders":
+            self._read_classes(folder)
+        else:  # the order of earlier versions, which existing runs' data order depends on
+            self.files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not self.files:
             raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
+        self.folder = folder
         self.image_shape = (3, image_size, image_size)
         self.size, self.random_flip = image_size, random_flip
         self.crop = None
+        if cache:
+            self.use_cache(cache_dir)
+
+    def _read_classes(self, folder: Path) -> None:
+        names = find_classes(folder)
+        if not names:
+            raise UserError(f"dataset.labels = 'subfolders' but {folder} has no subfolders; put each class's "
+                            f"images in its own subfolder, or set dataset.labels=none")
+        self.files, self.labels = [], []
+        for index, name in enumerate(names):
+            files = image_files(folder / name)
+            if not files:
+                raise UserError(f"class folder {folder / name} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                                f"remove it or add its images")
+            self.files += files
+            self.labels += [index] * len(files)
+        self.class_names = names
+
+    def use_cache(self, cache_dir: str | None) -> None:
+        from .cache import cached_images
+
+        self.images = cached_images(self.folder, self.files, self.size, self.crop, cache_dir,
+                                    lambda f: load_image(f, self.size, self.crop))
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int):
-        return self._maybe_flip(to_tensor(load_image(self.files[i], self.size, self.crop))), -1
+        image = np.array(self.images[i]) if self.images is not None else load_image(self.files[i], self.size, self.crop)
+        return self._maybe_flip(to_tensor(image)), (self.labels[i] if self.labels is not None else -1)
 
 
 class CelebA(ImageFolder):
@@ -224,7 +292,7 @@ class CelebA(ImageFolder):
     """
 
     def __init__(self, root: str | None = None, image_size: int = 64, split: str = "train",
-                 random_flip: bool = True):
+                 random_flip: bool = True, cache: bool = False, cache_dir: str | None = None):
         given = root or env_path("CELEBA_PATH", "celeba")
         folder = self._find(given)
         if folder is None:
@@ -241,7 +309,9 @@ class CelebA(ImageFolder):
             raise UserError(f"no CelebA images for split '{split}' in {folder}")
         self.files, self.size, self.random_flip = files, image_size, random_flip
         self.image_shape = (3, image_size, image_size)
-        self.crop = CELEBA_CROP
+        self.crop, self.folder = CELEBA_CROP, folder
+        if cache:
+            self.use_cache(cache_dir)
 
     @staticmethod
     def _find(root: str | None) -> Path | None:

@@ -102,6 +102,7 @@ class TwoScaleDataset(Dataset):
         self.first_index = num_samples if split == "test" else 0
         self.alpha1, self.alpha2, self.sigma0 = float(alpha1), float(alpha2), float(sigma0)
         self.image_shape = (channels, image_size, image_size)
+        self.class_names = [f"{k}.{j}" for k in range(k1) for j in range(k2)]  # label k·K2 + j
         self._high = high
         rng = np.random.default_rng([seed, 0x7C0])
         p1 = _prototypes(_basis(low, image_size, channels), k1, rng)

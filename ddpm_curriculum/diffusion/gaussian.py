@@ -193,12 +193,14 @@ class GaussianDiffusion:
     # ----- training -----
 
     def training_losses(self, model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
-                        weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-sample loss  w·mean_{C,H,W} loss(model(x_t, t), target).  x0: [B, …]; t: LongTensor [B];
-        noise: [B, …] (default fresh N(0, I)); weights: [B] or None → [B]."""
+                        weights: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample loss  w·mean_{C,H,W} loss(model(x_t, t[, y]), target).  x0: [B, …]; t: LongTensor [B];
+        noise: [B, …] (default fresh N(0, I)); weights: [B] or None; y: class labels [B] (conditional
+        networks) or None → [B]."""
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)
-        diff = model(x_t, t) - self.target(x0, t, noise)
+        out = model(x_t, t) if y is None else model(x_t, t, y)
+        diff = out - self.target(x0, t, noise)
         loss = LOSSES[self.loss_type](diff).flatten(1).mean(dim=1)
         return loss if weights is None else loss * weights

@@ -17,6 +17,13 @@ The state-dict keys follow ddpm-torch exactly, so its released checkpoints load 
     upsamples.level_{i}.{j}...                                         j < num_res_blocks + 1, as above
     upsamples.level_{i}.{num_res_blocks + 1}.1.{weight,bias}           up conv (``.0`` is the nearest ×2)
     out_conv.{0,2}.{weight,bias}                                       GroupNorm, conv (``.1`` is SiLU)
+    class_embed.weight                                                 only with num_classes > 0 (see below)
+
+**Class conditioning** (``num_classes`` > 0, seed 002). ddpm-torch's UNet has no class input, so there is no
+key layout to follow; the table ``class_embed`` [num_classes + 1, time_embedding_dim] holds one vector per
+class plus the null label ``num_classes`` (classifier-free guidance's unconditional branch). Its row for the
+label y is added to the time embedding after the MLP, so every residual block sees it through its ``fc``.
+It starts at zero: a freshly built conditional network computes what the unconditional one does.
 
 The CIFAR-10 configuration (hid 128, multipliers (1, 2, 2, 2), 2 res blocks, attention at 16×16)
 has 35,746,307 parameters in 304 state-dict tensors.
@@ -243,9 +250,10 @@ class UNet(nn.Module):
         resample_with_conv: strided conv / conv after upsampling, instead of avg-pool / plain upsampling.
         norm_eps: GroupNorm epsilon (1e-6 as in TF DDPM, diffusers and ddpm-torch since 2023; 1e-5 before).
         norm_groups: GroupNorm groups (32 as in DDPM; layers narrower than that use one group per channel).
+        num_classes: class-conditional with this many classes (label ``num_classes`` = null); 0 = unconditional.
 
-    ``forward(x [B, in_channels, H, W], t [B]) → [B, out_channels, H, W]``; H and W must be divisible by
-    ``2 ** (len(ch_multipliers) - 1)``.
+    ``forward(x [B, in_channels, H, W], t [B], y [B] | None) → [B, out_channels, H, W]``; H and W must be
+    divisible by ``2 ** (len(ch_multipliers) - 1)``.
     """
 
     def __init__(self, in_channels: int = 3, hid_channels: int = 128, out_channels: int | None = None,
@@ -253,8 +261,10 @@ class UNet(nn.Module):
                  apply_attn: bool | Sequence[bool] = (False, True, False, False),
                  time_embedding_dim: int | None = None, drop_rate: float = 0.0,
                  resample_with_conv: bool = True, norm_eps: float = DEFAULT_NORM_EPS,
-                 norm_groups: int = GN_GROUPS):
+                 norm_groups: int = GN_GROUPS, num_classes: int = 0):
         super().__init__()
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be ≥ 0 (0 = unconditional), got {num_classes}")
         ch_multipliers = tuple(ch_multipliers)
         apply_attn = (apply_attn,) * len(ch_multipliers) if isinstance(apply_attn, bool) else tuple(apply_attn)
         _check_args(in_channels, hid_channels, ch_multipliers, num_res_blocks, apply_attn, drop_rate)
@@ -275,6 +285,10 @@ class UNet(nn.Module):
 
         emb_dim = self.time_embedding_dim
         self.embed = nn.Sequential(linear(hid_channels, emb_dim), nn.SiLU(), linear(emb_dim, emb_dim))
+        self.num_classes = num_classes
+        if num_classes:  # registered after ``embed`` only when used: unconditional state dicts keep their keys
+            self.class_embed = nn.Embedding(num_classes + 1, emb_dim)
+            nn.init.zeros_(self.class_embed.weight)
         self.in_conv = conv2d(in_channels, hid_channels, 3, padding=1)
         # Channel counts of the skip activations, in push order, so the up path can size its inputs.
         skip_channels = [hid_channels]
@@ -322,12 +336,14 @@ class UNet(nn.Module):
             layers.append(upsample(ch, self.resample_with_conv))
         return layers
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Predict ε (or whatever the model was trained on) for noisy images at timesteps ``t``.
 
         Args:
             x: [B, in_channels, H, W], NCHW or channels_last (the output keeps the model's layout).
             t: [B] timesteps 0..T−1, int or float; a scalar is broadcast over the batch.
+            y: [B] class labels 0..num_classes (num_classes = null label), only for a conditional network;
+                None there means the null label (unconditional).
         Returns:
             [B, out_channels, H, W].
         """
@@ -339,6 +355,12 @@ class UNet(nn.Module):
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         t_emb = self.embed(timestep_embedding(t, self.hid_channels).to(self.embed[0].weight.dtype))
+        if self.num_classes:
+            if y is None:
+                y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+            t_emb = t_emb + self.class_embed(torch.as_tensor(y, device=x.device).expand(x.shape[0]))
+        elif y is not None:
+            raise ValueError("class labels given to an unconditional UNet (num_classes = 0)")
 
         h = self.in_conv(x)
         skips = [h]

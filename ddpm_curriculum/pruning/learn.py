@@ -86,19 +86,23 @@ class MaskProTrainer(CurriculumTrainer):
         return load_masks(self.cfg.maskpro.masks) if self.cfg.maskpro.masks else None
 
     @torch.no_grad()
-    def _losses(self, x0, t, noise) -> torch.Tensor:
-        """Per-sample losses [B] of this rank's batch with the masks in use (accum_steps micro-batches)."""
+    def _losses(self, x0, t, noise, y=None) -> torch.Tensor:
+        """Per-sample losses [B] of this rank's batch with the masks in use (accum_steps micro-batches); ``y``:
+        class labels of a conditional network."""
         micro = -(-x0.shape[0] // self.cfg.train.accum_steps)
         return torch.cat([self.diffusion.training_losses(self.model, x0[i:i + micro], t[i:i + micro],
-                                                         noise[i:i + micro]) for i in range(0, x0.shape[0], micro)])
+                                                         noise[i:i + micro],
+                                                         **({} if y is None else {"y": y[i:i + micro]}))
+                          for i in range(0, x0.shape[0], micro)])
 
-    def train_step(self, images: torch.Tensor) -> tuple[float | None, bool]:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[float | None, bool]:
         """One MaskPro update (see the module docstring). Returns (sum of sampled-mask losses, stop?)."""
         x0, t, noise = self._draw(images, self.cfg.train.batch_size)
+        y = self._draw_labels(labels, self.cfg.train.batch_size)
         g = torch.Generator(device=self.device).manual_seed(mix_seed(self.cfg.train.seed, self.step, 0x3A5C))
         positions = self.update.sample(g)
         self.model.eval()  # dropout would make the two losses differ by more than the mask
-        loss_initial, loss_sampled = self.update.paired_losses(positions, lambda: self._losses(x0, t, noise))
+        loss_initial, loss_sampled = self.update.paired_losses(positions, lambda: self._losses(x0, t, noise, y))
         self.model.train()
         sums = torch.stack([loss_sampled.double().sum(), loss_initial.double().sum(),
                             torch.tensor(float(x0.shape[0]), dtype=torch.float64, device=self.device),

@@ -42,6 +42,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also write all images as uint8 NHWC under key arr_0 (default name "
                         "<save-dir>/samples_NxHxWxC.npz)")
     p.add_argument("--grid", type=int, default=64, help="images in <save-dir>/preview/grid.png (0 = none)")
+    cls = p.add_mutually_exclusive_group()
+    cls.add_argument("--class-label", type=int, metavar="K",
+                     help="class-conditional networks: every image of class K (0 … num_classes−1)")
+    cls.add_argument("--classes", choices=["balanced"],
+                     help="class-conditional networks: image i has class i mod num_classes (the default)")
+    p.add_argument("--guidance", type=float, default=0.0, metavar="W",
+                   help="classifier-free guidance: eps = (1+W)·eps(x, y) − W·eps(x, null); 0 (default) = "
+                        "conditional sampling without guidance (needs a model trained with train.cond_drop_prob > 0)")
     p.add_argument("--dataset", help="optional check: the dataset the checkpoint must have been trained on")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -92,14 +100,22 @@ def sampler_tag(spec: SamplerSpec, timesteps: int) -> str:
     return tag if spec.t_max is None else f"{tag}-tmax{spec.t_max}"
 
 
-def default_save_dir(net, spec: SamplerSpec, seed: int) -> Path:
-    tag = sampler_tag(spec, net.diffusion.timesteps)
+def conditioning_tag(conditioning: dict | None) -> str:
+    """``-balanced-w0``, ``-class3-w1.5``, or "" for unconditional networks."""
+    if conditioning is None:
+        return ""
+    c = conditioning["classes"]
+    return f"-{'balanced' if c == 'balanced' else f'class{c}'}-w{conditioning['guidance']:g}"
+
+
+def default_save_dir(net, spec: SamplerSpec, seed: int, conditioning: dict | None = None) -> Path:
+    tag = sampler_tag(spec, net.diffusion.timesteps) + conditioning_tag(conditioning)
     return Path("images") / "eval" / net.config.dataset.name / f"step{net.step}-{net.weights}-{tag}-seed{seed}"
 
 
 def main(argv=None) -> int:
     from ..training.checkpoint import load_network
-    from .folder import generate_to_folder
+    from .folder import check_conditioning, generate_to_folder
 
     args = parse_args(argv)
     _check_args(args)
@@ -112,12 +128,17 @@ def main(argv=None) -> int:
         spec = SamplerSpec(use_ddim=args.use_ddim, steps=args.ddim_steps, eta=args.eta,
                            skip_type=args.skip_type, t_max=args.t_max)
         spec.validate(net.diffusion.timesteps)
-        save_dir = Path(args.save_dir) if args.save_dir else default_save_dir(net, spec, args.seed)
+        classes = args.class_label if args.class_label is not None else args.classes
+        conditioning = check_conditioning(net, classes, args.guidance)
+        save_dir = Path(args.save_dir) if args.save_dir else default_save_dir(net, spec, args.seed, conditioning)
+        what = "" if conditioning is None else \
+            f", classes {conditioning['classes']}, guidance w={conditioning['guidance']:g}"
         dist.print0(f"{net.source} (step {net.step}, {net.weights} weights): {args.num_samples} images with "
-                    f"{spec.describe(net.diffusion.timesteps)}, seed {args.seed}, batch {args.batch_size} "
+                    f"{spec.describe(net.diffusion.timesteps)}, seed {args.seed}{what}, batch {args.batch_size} "
                     f"× {dist.world_size()} process(es) on {device} → {save_dir}")
         res = generate_to_folder(net, spec, save_dir, args.num_samples, args.batch_size, args.seed, device,
-                                 npz=args.npz, grid=args.grid, progress=not args.no_progress)
+                                 npz=args.npz, grid=args.grid, progress=not args.no_progress, classes=classes,
+                                 guidance=args.guidance)
         for note in res.notes:
             dist.print0(f"note: {note}")
         for label, path in (("npz", res.npz), ("grid", res.grid)):

@@ -3,7 +3,8 @@
 Layout of ``save_dir``::
 
     000000.png 000001.png …      image i (uint8; RGB, or L for 1-channel models), a function of (seed, i)
-    generate.json                 what produced them (checkpoint, weights, sampler, seed, shape): a rerun with
+    generate.json                 what produced them (checkpoint, weights, sampler, seed, shape, and for
+                                  class-conditional networks the classes and guidance w): a rerun with
                                   other settings is refused instead of mixing images; ``sha256``: the digest
                                   of every PNG as it was written
     generate.digests.R.jsonl      while rank R samples: the digests of its images so far (merged into
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +39,13 @@ from ..atomic import atomic_write
 from ..config import read_json_file
 from ..data.images import IMAGE_ERRORS
 from ..errors import UserError
+from .guidance import image_labels
 from .samplers import SamplerSpec, sample_batch, to_uint8
 
 MANIFEST = "generate.json"
-# manifest entries that must match for a rerun to continue a folder (the checkpoint path may move)
-MANIFEST_KEYS = ("fingerprint", "weights", "seed", "image_shape", "sampler")
+# manifest entries that must match for a rerun to continue a folder (the checkpoint path may move);
+# "conditioning" is null for unconditional networks, so manifests written before it existed still match
+MANIFEST_KEYS = ("fingerprint", "weights", "seed", "image_shape", "sampler", "conditioning")
 DIGESTS = "sha256"  # manifest key: {PNG name: sha256 of the file's bytes as written}
 JOURNAL = "generate.digests.{rank}.jsonl"
 PREVIEW = Path("preview") / "grid.png"
@@ -199,7 +203,8 @@ def network_fingerprint(net) -> str:
     return h.hexdigest()[:16]
 
 
-def _sample_shard(net, spec, indices, seed, batch_size, image_shape, device, save_dir, progress) -> tuple[float, dict]:
+def _sample_shard(net, spec, indices, seed, batch_size, image_shape, device, save_dir, progress,
+                  conditioning: dict | None = None) -> tuple[float, dict]:
     """Sample and write this rank's ``indices``; returns (the seconds spent, the digests of the PNGs)."""
     from tqdm.auto import tqdm
 
@@ -213,7 +218,12 @@ def _sample_shard(net, spec, indices, seed, batch_size, image_shape, device, sav
     with open(save_dir / JOURNAL.format(rank=dist.rank()), "a") as journal:
         for lo in range(0, len(indices), batch_size):
             batch = indices[lo:lo + batch_size]
-            images = to_uint8(sample_batch(net.diffusion, model, spec, batch, seed, image_shape, device)).numpy()
+            labels, w = None, 0.0
+            if conditioning is not None:
+                labels = image_labels(conditioning["classes"], batch, net.config.model.num_classes)
+                w = conditioning["guidance"]
+            images = to_uint8(sample_batch(net.diffusion, model, spec, batch, seed, image_shape, device,
+                                           labels=labels, guidance=w)).numpy()
             written = {sample_name(i): write_png(save_dir / sample_name(i), image) for i, image in zip(batch, images)}
             journal.write(json.dumps(written) + "\n")  # after the renames: a listed PNG is complete
             journal.flush()
@@ -224,8 +234,13 @@ def _sample_shard(net, spec, indices, seed, batch_size, image_shape, device, sav
 
 
 def generate_to_folder(net, spec: SamplerSpec, save_dir, num_samples: int, batch_size: int, seed: int,
-                       device, npz: str | Path | None = None, grid: int = 64, progress: bool = True) -> GenerateResult:
+                       device, npz: str | Path | None = None, grid: int = 64, progress: bool = True,
+                       classes: int | str | None = None, guidance: float = 0.0) -> GenerateResult:
     """Write images 0 … num_samples−1 of ``net`` (a ``LoadedNetwork``) into ``save_dir``; see the module doc.
+
+    Class-conditional networks: ``classes`` = K (every image class K) or ``"balanced"`` (image i has class
+    i mod num_classes; the default), ``guidance`` = w of ``guidance.py``; image i is then a function of
+    (seed, i, its class, w). Unconditional networks take neither.
 
     Collective under torchrun (every rank calls it): ranks scan a share of the folder, agree on the missing
     indices and each samples every world-th one of them. ``npz``: path of the ``.npz`` to write ("" = the
@@ -238,9 +253,10 @@ def generate_to_folder(net, spec: SamplerSpec, save_dir, num_samples: int, batch
     if shape[0] not in PIL_MODES:
         raise UserError(f"{shape[0]}-channel images cannot be saved as PNG; sample a 1-, 3- or 4-channel model")
     spec.validate(net.diffusion.timesteps)
+    conditioning = check_conditioning(net, classes, guidance)
     manifest = {"checkpoint": str(net.source), "step": net.step, "weights": net.weights,
                 "fingerprint": network_fingerprint(net), "seed": seed, "image_shape": list(shape),
-                "sampler": spec.to_dict(), "num_samples": num_samples}
+                "sampler": spec.to_dict(), "conditioning": conditioning, "num_samples": num_samples}
     error, digests = _prepare_dir(save_dir, manifest) if dist.is_main() else (None, None)
     error, digests = dist.broadcast_object((error, digests))
     if error:
@@ -251,7 +267,7 @@ def generate_to_folder(net, spec: SamplerSpec, save_dir, num_samples: int, batch
     missing = sorted(i for part in found for i in part[0] + part[1])
     replaced = sorted(i for part in found for i in part[1])
     seconds, written = _sample_shard(net, spec, shard(missing, rank, world), seed, batch_size, shape, device,
-                                     save_dir, progress)
+                                     save_dir, progress, conditioning)
     seconds = max(dist.all_gather_object(seconds))
     written = dist.all_gather_object(written)
     result = GenerateResult(save_dir, num_samples, len(missing), seconds)
@@ -275,6 +291,26 @@ def generate_to_folder(net, spec: SamplerSpec, save_dir, num_samples: int, batch
         if grid > 0:
             result.grid = write_grid(save_dir, min(grid, num_samples), shape)
     return result
+
+
+def check_conditioning(net, classes: int | str | None, guidance: float) -> dict | None:
+    """The manifest's ``conditioning`` entry ({classes, guidance, class_names}; None for unconditional networks),
+    after checking the request against the network."""
+    k = net.config.model.num_classes
+    if not k:
+        if classes is not None or guidance:
+            raise UserError(f"{net.source} is unconditional (model.num_classes = 0); drop --class-label, --classes "
+                            f"and --guidance")
+        return None
+    classes = "balanced" if classes is None else classes
+    image_labels(classes, [0], k)  # raises for a label out of range
+    if not math.isfinite(guidance) or guidance < 0:
+        raise UserError(f"--guidance {guidance} is not a finite number ≥ 0; use 0 (conditional, no guidance) or "
+                        f"e.g. 1-3")
+    if guidance and net.config.train.cond_drop_prob == 0:
+        raise UserError(f"--guidance {guidance:g} needs the unconditional branch, but {net.source} was trained with "
+                        f"train.cond_drop_prob = 0 (no null-label training); use --guidance 0")
+    return {"classes": classes, "guidance": float(guidance), "class_names": list(net.config.dataset.class_names)}
 
 
 def load_folder(save_dir: Path, num_samples: int, image_shape: Sequence[int]) -> np.ndarray:

@@ -10,6 +10,7 @@ import torch
 
 from ..diffusion import DDIM_SKIP_TYPES, ddim_sample, ddim_timesteps
 from ..errors import UserError
+from .guidance import ClassConditioned
 from .noise import PerImageNoise
 
 
@@ -57,9 +58,17 @@ class SamplerSpec:
 
 @torch.no_grad()
 def sample_batch(diffusion, model, spec: SamplerSpec, indices: Sequence[int], seed: int,
-                 image_shape: Sequence[int], device) -> torch.Tensor:
-    """Images ``indices`` → x0 [B, C, H, W] in model space (≈ [−1, 1]); image i is a function of (seed, i)."""
+                 image_shape: Sequence[int], device, labels: Sequence[int] | None = None,
+                 guidance: float = 0.0) -> torch.Tensor:
+    """Images ``indices`` → x0 [B, C, H, W] in model space (≈ [−1, 1]); image i is a function of (seed, i) and,
+    for a class-conditional network, of its label ``labels[i]`` and the guidance w (``guidance.py``)."""
     T = diffusion.timesteps
+    if labels is not None:
+        if len(labels) != len(indices):
+            raise ValueError(f"{len(labels)} labels for {len(indices)} images")
+        model = ClassConditioned(model, torch.tensor(list(labels), dtype=torch.long, device=device), guidance)
+    elif guidance:
+        raise UserError("guidance needs class labels; pass --class-label K or --classes balanced")
     noise = PerImageNoise(seed, indices, image_shape, device, spec.num_noise_draws(T))
     x_T = noise.initial()
     if spec.use_ddim:

@@ -208,7 +208,11 @@ class ChannelSparsity(TrainingExtension):
 def probe_loss(trainer) -> float:
     """Mean loss of a fixed batch (first images of the dataset, seeded t and ε), eval mode; same on all ranks."""
     n = min(PROBE_BATCH, trainer.cfg.train.batch_size, len(trainer.dataset))
-    x0 = torch.stack([trainer.dataset[i][0] for i in range(n)]).to(trainer.device)
+    items = [trainer.dataset[i] for i in range(n)]
+    x0 = torch.stack([x for x, _ in items]).to(trainer.device)
+    # a class-conditional network is probed with the images' labels (no dropout)
+    y = torch.tensor([label for _, label in items], device=trainer.device) \
+        if getattr(trainer, "num_classes", 0) else None
     g = torch.Generator().manual_seed(mix_seed(trainer.cfg.train.seed, 0x960BE))
     t = torch.randint(0, trainer.diffusion.timesteps, (n,), generator=g).to(trainer.device)
     noise = torch.randn(x0.shape, generator=g).to(trainer.device)
@@ -216,6 +220,6 @@ def probe_loss(trainer) -> float:
     was_training = model.training
     model.eval()
     try:
-        return float(trainer.diffusion.training_losses(model, x0, t, noise).mean())
+        return float(trainer.diffusion.training_losses(model, x0, t, noise, y=y).mean())
     finally:
         model.train(was_training)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import Config, DatasetConfig
-from ..data import build_dataset, dataset_image_shape
+from ..data import build_dataset, class_names, dataset_image_shape
 from ..diffusion import CurriculumDiffusion, make_betas, make_loss_weights, matched_histogram
 from ..errors import UserError
 from ..models import GATED_MODEL_NAMES, build_model
@@ -27,11 +27,42 @@ def image_shape(cfg: Config) -> tuple[int, int, int]:
     return tuple(dataset_image_shape(d.name, image_size=d.image_size, **_ts(d)))
 
 
-def make_dataset(cfg: Config, split: str = "train"):
-    """The training dataset, unflipped: flips are drawn per step by the trainer (exact resume)."""
+def make_dataset(cfg: Config, split: str = "train", use_cache: bool = True):
+    """The training dataset, unflipped: flips are drawn per step by the trainer (exact resume). ``use_cache``
+    False skips ``dataset.cache`` (listing the files without decoding them, e.g. for ``--dry-run``)."""
     d = cfg.dataset
-    return build_dataset(d.name, root=d.root, image_size=d.image_size, split=split,
-                         random_flip=False, download=d.download, **_ts(d))
+    return build_dataset(d.name, root=d.root, image_size=d.image_size, split=split, random_flip=False,
+                         download=d.download, labels=d.labels, folder_split=d.split, cache=d.cache and use_cache,
+                         cache_dir=d.cache_dir, **_ts(d))
+
+
+def _short(names: list[str]) -> str:
+    return str(names) if len(names) <= 12 else f"{names[:12]} … ({len(names)} names)"
+
+
+def check_labels(cfg: Config, dataset) -> int:
+    """Check the dataset's classes against the config and record them: ``dataset.class_names`` is set to the
+    classes found (in label order) when the run uses labels (model.num_classes > 0 or dataset.labels
+    subfolders); a list given in the config must equal them. Returns model.num_classes (0 = unconditional)."""
+    d, k = cfg.dataset, cfg.model.num_classes
+    names = class_names(dataset)
+    if names is None:
+        if k:
+            raise UserError(f"model.num_classes = {k} needs class labels but dataset '{d.name}' has none; set "
+                            f"dataset.labels=subfolders (image_folder with one subfolder per class) or "
+                            f"model.num_classes=0")
+        if d.class_names:
+            raise UserError(f"dataset.class_names is set but dataset '{d.name}' has no labels; remove it")
+        return 0
+    if k and k != len(names):
+        raise UserError(f"model.num_classes = {k} but the dataset has {len(names)} classes {_short(names)}; set "
+                        f"model.num_classes={len(names)}")
+    if k or d.labels == "subfolders":
+        if d.class_names and d.class_names != names:
+            raise UserError(f"dataset.class_names = {_short(d.class_names)} but the dataset's classes are "
+                            f"{_short(names)}; fix the class folders or the list (or remove it)")
+        d.class_names = names
+    return k
 
 
 def use_random_flip(cfg: Config) -> bool:
@@ -55,7 +86,8 @@ def make_model(cfg: Config, name: str | None = None) -> nn.Module:
     return build_model(name, in_channels=m.in_channels, hid_channels=m.hid_channels,
                        ch_multipliers=tuple(m.ch_multipliers), num_res_blocks=m.num_res_blocks,
                        apply_attn=tuple(m.apply_attn), drop_rate=m.drop_rate,
-                       resample_with_conv=m.resample_with_conv, norm_groups=m.norm_groups, norm_eps=m.norm_eps)
+                       resample_with_conv=m.resample_with_conv, norm_groups=m.norm_groups, norm_eps=m.norm_eps,
+                       num_classes=m.num_classes)
 
 
 def make_diffusion(cfg: Config) -> CurriculumDiffusion:

@@ -96,12 +96,16 @@ RESUME_RULES: list[tuple[str, str | None]] = [
     ("train.grad_norm", None), ("train.accum_steps", None), ("train.amp", None), ("train.ema_decay", None),
     ("train.skip_nonfinite_steps", None), ("train.loss_weighting", None), ("train.min_snr_gamma", None),
     ("train.p2_k", None), ("train.p2_gamma", None),
+    ("train.ema_update_every", None), ("train.ema_start_step", None), ("train.cond_drop_prob", None),
+    ("train.early_stop_loss_change", None),
+    ("train.early_stop_window", "the checkpointed early-stop state compares windows of the saved length"),
+    ("train.early_stop_smoothing", "the checkpointed smoothed loss was averaged with the saved factor"),
     ("train.epochs", None), ("train.steps", None),
     ("curriculum.stages.*.epochs", None), ("curriculum.stages.*.steps", None),
     ("train.num_workers", None), ("train.log_intv", None), ("train.num_samples", None),
     ("train.image_intv", None), ("train.chkpt_intv", None), ("train.keep_checkpoints", None),
     ("train.sample_steps", None), ("eval.*", None),
-    ("dataset.root", None), ("dataset.download", None), ("model.channels_last", None), ("model.compile", None),
+    ("dataset.root", None), ("dataset.download", None), ("dataset.cache", None), ("dataset.cache_dir", None), ("model.channels_last", None), ("model.compile", None),
     ("train.seed", "the data order, timesteps and noise of every step derive from it"),
     ("train.batch_size", "the steps per epoch, the data order and the position in the epoch derive from it"),
     ("train.optimizer", "the checkpoint's optimizer state belongs to the other optimizer"),
@@ -148,9 +152,10 @@ def describe_plan(cfg: Config) -> str:
     from .sampler import ShardedBatchSampler
 
     try:
-        n = len(make_dataset(cfg))
+        dataset = make_dataset(cfg, use_cache=False)  # lists the files; decoding waits for the run
+        n = len(dataset)
     except UserError as exc:
-        n, spe, note = None, None, f"(dataset not available: {exc})"
+        dataset, n, spe, note = None, None, None, f"(dataset not available: {exc})"
     else:  # the real run's check, with its message (e.g. fewer samples than one batch)
         spe, note = ShardedBatchSampler(n, cfg.train.batch_size, 0, 1, cfg.train.seed).steps_per_epoch, ""
     diffusion, T, cur = make_diffusion(cfg), cfg.diffusion.timesteps, cfg.curriculum
@@ -179,8 +184,21 @@ def describe_plan(cfg: Config) -> str:
             length = f"{s.epochs} epochs" if s.epochs is not None else f"{s.steps} steps"
             lines.append(f"  stage {i + 1} {s.name or f'stage{i + 1}'}: t in [{lo}, {hi}], {length}"
                          f"{' (runs to the end)' if i == len(stages) - 1 else ''}{'; ' + notes[i] if notes else ''}")
+    lines += class_lines(cfg, dataset)
     lines += feature_window_lines(cfg, diffusion)
     return "\n".join(lines)
+
+
+def class_lines(cfg: Config, dataset) -> list[str]:
+    """The classes with their image counts (labelled datasets), and whether the network is conditioned on them."""
+    from ..data import class_counts
+
+    counts = class_counts(dataset) if dataset is not None else None
+    k = cfg.model.num_classes
+    cond = f"class-conditional, {k} classes, cond_drop_prob {cfg.train.cond_drop_prob:g}" if k else "unconditional"
+    if counts is None:
+        return [f"model: {cond}"] if k else []
+    return [f"classes ({len(counts)}; model {cond}): " + ", ".join(f"{name} {c}" for name, c in counts.items())]
 
 
 def _variant_lines(cfg: Config) -> list[str]:

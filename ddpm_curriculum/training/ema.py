@@ -14,12 +14,27 @@ class EMA:
 
     Without the warm-up a short run keeps (decay)^steps of its random initialisation in the average
     (0.999^1280 ≈ 28%), and samples from it are mostly noise. Buffers are copied.
+
+    ``update_every`` k and ``start_step`` s (seed 002's ``ema_update_rate``/``ema_start``): ``after_step`` acts only
+    after optimizer steps n with n % k == 0; while n < s it copies the weights (no averaging, the warm-up count
+    stays 0), from s on it averages. k = 1, s = 0 is an update after every step.
     """
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
+    def __init__(self, model: nn.Module, decay: float, update_every: int = 1, start_step: int = 0):
+        self.decay, self.update_every, self.start_step = decay, update_every, start_step
         self.num_updates = 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Called after optimizer step ``step`` (1-based)."""
+        if step % self.update_every:
+            return
+        if step < self.start_step:
+            for dst, src in zip(self.model.state_dict().values(), model.state_dict().values()):
+                dst.copy_(src)
+            return
+        self.update(model)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

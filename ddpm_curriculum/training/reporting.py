@@ -115,30 +115,43 @@ def to_uint8_range(x: torch.Tensor) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round() / 255.0
 
 
-def save_grid(diffusion, model, noise: torch.Tensor, steps: int, path: Path, device, batch_size: int = 256):
-    """Sample from fixed ``noise`` and save an image grid at ``path``."""
+def save_grid(diffusion, model, noise: torch.Tensor, steps: int, path: Path, device, batch_size: int = 256,
+              nrow: int | None = None):
+    """Sample from fixed ``noise`` and save an image grid at ``path`` (``nrow`` images per row; default square).
+
+    A ``ClassConditioned`` model's labels are sliced along with the noise batches."""
+    from ..sampling.guidance import ClassConditioned
+
     g = torch.Generator(device=device).manual_seed(0)
-    out = [generate(diffusion, model, noise[i:i + batch_size].to(device), steps, g).cpu()
-           for i in range(0, len(noise), batch_size)]
+    out = []
+    for i in range(0, len(noise), batch_size):
+        part = model if not isinstance(model, ClassConditioned) else \
+            ClassConditioned(model.model, model.y[i:i + batch_size], model.guidance)
+        out.append(generate(diffusion, part, noise[i:i + batch_size].to(device), steps, g).cpu())
     x = torch.cat(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(to_uint8_range(x), path, nrow=max(1, int(len(x) ** 0.5)))
+    save_image(to_uint8_range(x), path, nrow=nrow or max(1, int(len(x) ** 0.5)))
 
 
 @torch.no_grad()
 def eval_samples(diffusion, model, shape, num_samples: int, sample_steps: int, seed: int, batch_size: int,
                  device) -> torch.Tensor:
     """uint8 [N, H, W, C]: images 0 … num_samples−1 exactly as ``generate.py --seed seed`` makes them (DDIM with
-    ``sample_steps`` steps and η = 0, or ancestral when 0; one noise stream per image), quantised like saved PNGs."""
+    ``sample_steps`` steps and η = 0, or ancestral when 0; one noise stream per image), quantised like saved PNGs.
+    A class-conditional network samples ``--classes balanced`` (image i has class i mod num_classes), w = 0."""
     from ..sampling import SamplerSpec, sample_batch, to_uint8
+    from ..sampling.guidance import image_labels, num_classes_of
+
+    k = num_classes_of(model)
 
     spec = SamplerSpec(use_ddim=sample_steps > 0, steps=max(sample_steps, 1))
     was_training = model.training
     model.eval()
     try:
-        return torch.cat([to_uint8(sample_batch(diffusion, model, spec, range(lo, min(num_samples, lo + batch_size)),
-                                                seed, shape, device))
-                          for lo in range(0, num_samples, batch_size)])
+        return torch.cat([to_uint8(sample_batch(diffusion, model, spec, batch, seed, shape, device,
+                                                labels=image_labels("balanced", batch, k) if k else None))
+                          for lo in range(0, num_samples, batch_size)
+                          for batch in [range(lo, min(num_samples, lo + batch_size))]])
     finally:
         model.train(was_training)
 

@@ -28,8 +28,10 @@ from tqdm import tqdm
 from .. import dist
 from ..config import Config, config_from_dict
 from ..errors import UserError, interrupt_note
+from ..sampling.guidance import ClassConditioned
 from . import builders
 from .checkpoint import FORMAT_VERSION, check_compatible, save_checkpoint
+from .early_stop import EarlyStop
 from .ema import EMA
 from .extensions import build_extensions
 from .plan import PACINGS, stage_at, total_steps
@@ -67,6 +69,15 @@ def cpu_bf16_supported(flags: set[str] | None = None) -> bool:
     return flags is None or bool(flags & NATIVE_BF16_FLAGS)
 
 
+def grid_layout(num_samples: int, num_classes: int) -> tuple[torch.Tensor | None, int | None]:
+    """Labels of a conditional sample grid, one row per class (row c: max(1, num_samples // num_classes) images
+    of class c), and the images per row; (None, None) for unconditional networks (a square grid)."""
+    if not num_classes or not num_samples:
+        return None, None
+    per_row = max(1, num_samples // num_classes)
+    return torch.arange(num_classes).repeat_interleave(per_row), per_row
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; a checkpoint of the last good state was written."""
 
@@ -87,6 +98,7 @@ class CurriculumTrainer:
         # the global RNG is then reseeded per rank, so dropout differs between ranks.
         torch.manual_seed(t.seed)
         self.dataset = builders.make_dataset(cfg)
+        self.num_classes = builders.check_labels(cfg, self.dataset)  # 0 = unconditional
         self.image_shape = tuple(self.dataset.image_shape)
         self.flip = builders.use_random_flip(cfg)
         self.diffusion = builders.make_diffusion(cfg)
@@ -95,7 +107,7 @@ class CurriculumTrainer:
         if cfg.model.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.extensions = build_extensions(cfg, self.model)
-        self.ema = EMA(self.model, t.ema_decay) if t.use_ema else None
+        self.ema = EMA(self.model, t.ema_decay, t.ema_update_every, t.ema_start_step) if t.use_ema else None
         self.optimizer = self._make_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / t.warmup) if t.warmup > 0 else 1.0)
@@ -113,6 +125,7 @@ class CurriculumTrainer:
         self.loss_terms: dict[str, torch.Tensor] = {}  # the extensions' loss terms of the last step (detached)
         self.transition: dict = {}  # the transitions.jsonl record of the current stage start
         self.skipped_steps: list[int] = []  # steps skipped for a non-finite loss (train.skip_nonfinite_steps)
+        self.early_stop = EarlyStop(t.early_stop_loss_change, t.early_stop_window, t.early_stop_smoothing)
         if resume_state is not None:
             self._load_state(resume_state)
         if stop_at_step is not None and stop_at_step <= self.step:
@@ -125,9 +138,11 @@ class CurriculumTrainer:
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", NUM_T_BINS, self.diffusion.timesteps, device) \
             if dist.is_main() else MetricsLog(None, NUM_T_BINS, self.diffusion.timesteps, device)
         self._stop_requested = False
-        # Fixed noise for sample grids, so grids over training are comparable.
+        # Fixed noise (and labels) for sample grids, so grids over training are comparable.
+        self.grid_labels, self.grid_rows = grid_layout(t.num_samples, self.num_classes)
         g = torch.Generator().manual_seed(mix_seed(t.seed, 0x6121D))
-        self.grid_noise = torch.randn((t.num_samples, *self.image_shape), generator=g)
+        n_grid = t.num_samples if self.grid_labels is None else len(self.grid_labels)
+        self.grid_noise = torch.randn((n_grid, *self.image_shape), generator=g)
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -167,7 +182,7 @@ class CurriculumTrainer:
                    disable=not (dist.is_main() and self.progress))
         try:
             stopped = False
-            while self.step < self.total_steps and not stopped:
+            while self.step < self.total_steps and not stopped and self.early_stop.stopped_at is None:
                 stopped = self._train_epoch(bar)
             if self._stop_requested and not stopped:  # the signal came after the last step's stop check
                 self._stop()
@@ -187,21 +202,25 @@ class CurriculumTrainer:
         loader_rng = torch.Generator().manual_seed(mix_seed(self.cfg.train.seed, self.epoch, self.rank))
         loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.cfg.train.num_workers,
                             pin_memory=self.device.type == "cuda", generator=loader_rng)
-        for images, _ in loader:
+        for images, labels in loader:
             stage = self.stage
             if stage.index != self.stage_entered:
                 self._enter_stage(stage)
-            loss, stop = self.train_step(images)
+            loss, stop = self.train_step(images, labels if self.num_classes else None)
             self.step += 1
             if loss is not None and self.pacing.update(self.plan, self.step, loss):  # patience ended the stage
                 self.plan = self.pacing.plan()
+            if self.early_stop.update(self.step, loss):
+                dist.print0(f"early stop at step {self.step}: the smoothed loss changed by "
+                            f"{self.early_stop.last_change:.3e} (< train.early_stop_loss_change = "
+                            f"{self.early_stop.threshold:g}) over the last {self.early_stop.window} steps")
             self._show_progress(bar, self.plan[stage.index], loss)
             bar.update(1)
             self._after_step(self.plan[stage.index], bar)
             if stop or (self.stop_at_step is not None and self.step >= self.stop_at_step):
                 self._stop()
                 return True
-            if self.step >= self.total_steps:
+            if self.step >= self.total_steps or self.early_stop.stopped_at is not None:
                 break
         return False
 
@@ -216,8 +235,8 @@ class CurriculumTrainer:
         if dist.is_main():
             append_jsonl(self.run_dir / "transitions.jsonl", self.transition)
 
-    def train_step(self, images: torch.Tensor) -> tuple[float | None, bool]:
-        """One optimizer step on this rank's share of the global batch.
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[float | None, bool]:
+        """One optimizer step on this rank's share of the global batch (``labels``: class-conditional networks).
 
         Returns (mean unweighted per-sample loss over the global batch, whether any rank asked to stop).
         On a NaN/inf loss the step is skipped (loss None) while train.skip_nonfinite_steps allows, else
@@ -225,6 +244,7 @@ class CurriculumTrainer:
         """
         t_cfg, G = self.cfg.train, self.cfg.train.batch_size
         x0, t, noise = self._draw(images, G)
+        y = self._draw_labels(labels, G)
         weights = self.loss_weights(t) if self.loss_weights is not None else None
         micro = x0.shape[0] // t_cfg.accum_steps
         losses = []
@@ -233,7 +253,8 @@ class CurriculumTrainer:
             sync = k == t_cfg.accum_steps - 1 or self.world == 1
             with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
                 with self._autocast():  # reduced precision for the network's forward only
-                    per_sample = self.diffusion.training_losses(self.train_model, x0[sl], t[sl], noise[sl])
+                    per_sample = self.diffusion.training_losses(self.train_model, x0[sl], t[sl], noise[sl],
+                                                                **({} if y is None else {"y": y[sl]}))
                 per_sample = per_sample.float()  # loss reduction (and mode terms) in fp32
                 objective = per_sample if weights is None else per_sample * weights[sl]
                 loss = objective.mean() / t_cfg.accum_steps
@@ -259,7 +280,7 @@ class CurriculumTrainer:
         for ext in self.extensions:
             ext.after_step(self)
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.after_step(self.model, self.step + 1)
         self.log.add(per_sample, weights, t, grad_norm.detach(), x0.shape[0], self.loss_terms)
         return mean_loss, stop
 
@@ -298,6 +319,21 @@ class CurriculumTrainer:
             noise = noise.contiguous(memory_format=torch.channels_last)
         return x0, t, noise
 
+    def _draw_labels(self, labels: torch.Tensor | None, global_batch: int) -> torch.Tensor | None:
+        """This rank's class labels, each replaced by the null label (num_classes) with probability
+        train.cond_drop_prob. The drops are drawn for the global batch from a generator of (seed, step) of their own,
+        so they are the same for any world size and on resume, and other draws are as without dropout."""
+        if labels is None:
+            return None
+        y = labels.to(self.device, non_blocking=True).long()
+        p = self.cfg.train.cond_drop_prob
+        if p > 0:
+            g = torch.Generator(device=self.device).manual_seed(mix_seed(self.cfg.train.seed, self.step, 0xC1A55))
+            lo = self.rank * (global_batch // self.world)
+            drop = (torch.rand(global_batch, generator=g, device=self.device) < p)[lo:lo + y.shape[0]]
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        return y
+
     def _autocast(self):
         amp = self.cfg.train.amp
         if amp == "none":
@@ -310,7 +346,8 @@ class CurriculumTrainer:
     def _after_step(self, stage, bar) -> None:
         t = self.cfg.train
         # also at --stop-at-step, so the per-t sample counts of metrics.jsonl (exposure) miss no step
-        if self.step % t.log_intv == 0 or self.step in (self.total_steps, self.stop_at_step):
+        last = (self.total_steps, self.stop_at_step, self.early_stop.stopped_at)
+        if self.step % t.log_intv == 0 or self.step in last:
             fields = {}
             for ext in self.extensions:
                 fields.update(ext.log_fields(self))
@@ -358,8 +395,11 @@ class CurriculumTrainer:
             return
         if dist.is_main():
             path = self.run_dir / "samples" / f"step{self.step:08d}_{tag}.png"
-            save_grid(self.diffusion, self.sampling_model(), self.grid_noise, self.cfg.train.sample_steps,
-                      path, self.device)
+            model = self.sampling_model()
+            if self.grid_labels is not None:  # one row per class, without guidance
+                model = ClassConditioned(model, self.grid_labels)
+            save_grid(self.diffusion, model, self.grid_noise, self.cfg.train.sample_steps, path, self.device,
+                      nrow=self.grid_rows)
         dist.barrier()
 
     def _stop(self) -> None:
@@ -443,6 +483,7 @@ class CurriculumTrainer:
             "stage_entered": self.stage_entered,
             "pacing": self.pacing.state_dict(),
             "skipped_steps": list(self.skipped_steps),
+            "early_stop": self.early_stop.state_dict(),
             "extensions": {ext.name: ext.state_dict() for ext in self.extensions},
             "world_size": self.world,
             "rng": dist.all_gather_object(rng),  # one entry per rank
@@ -504,6 +545,7 @@ class CurriculumTrainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.skipped_steps = [int(s) for s in state.get("skipped_steps", [])]
+        self.early_stop.load_state_dict(state.get("early_stop") or {})
         self.pacing.load_state_dict(state.get("pacing") or {})
         self.plan = self.pacing.plan()
         self._check_resumed_lengths(state)
