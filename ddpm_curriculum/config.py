@@ -243,8 +243,26 @@ class MaskProConfig:
     baseline_beta: float = opt(0.99, "Decay β of the running baseline δ of the paired reward.", lo=0.0, hi=1.0)
 
 
+EXTRA_EVAL_METRICS = ("nll", "spectrum", "fd_classifier")  # evaluation/extra.py's registry, for validation
+
+
 @dataclass
-class EvalConfig:
+class ExtraEvalOptions:
+    """Opt-in metrics of a run's eval.json and of experiment grids (evaluation/extra.py)."""
+
+    metrics: list[str] = opt([], "Opt-in metrics: any of `nll` (bits/dim bound on the test split), `spectrum` "
+                             "(radial power spectrum vs the train split), `fd_classifier` (Fréchet distance + KID "
+                             "in `feature_net`'s features; not FID); [] = none.")
+    nll_samples: int = opt(256, "nll: the first N test images.", lo=1)
+    nll_timesteps: int = opt(50, "nll: network evaluations per image K (decoder + K−1 stratified KL terms, "
+                             "unbiased; capped at T, where it is exact).", lo=2)
+    spectrum_bands: int = opt(6, "spectrum: equal-width radial frequency bands up to Nyquist.", lo=1)
+    feature_net: str | None = opt(None, "fd_classifier: weights file of scripts/train_feature_net.py.")
+    ref_samples: int = opt(5000, "spectrum / fd_classifier: the first N training images as the reference.", lo=2)
+
+
+@dataclass
+class EvalConfig(ExtraEvalOptions):
     num_samples: int = opt(1024, "Samples generated for the end-of-training evaluation (`eval.json`); "
                            "0 = skip.", lo=0)
     batch_size: int = opt(256, "Batch size for that sampling.", lo=1)
@@ -523,6 +541,18 @@ def validate(cfg: Config) -> None:
         raise UserError("modes CS and CR follow the curriculum stages; set 'curriculum.enabled' to true")
     _validate_variants(cfg)
     _validate_maskpro(cfg)
+    validate_extra_eval(cfg.eval, "eval")
+
+
+def validate_extra_eval(ev: ExtraEvalOptions, key: str, where: str = "") -> None:
+    """Known opt-in metric names; fd_classifier needs a feature_net (whose file is checked when it is used)."""
+    bad = [m for m in ev.metrics if m not in EXTRA_EVAL_METRICS]
+    if bad:
+        raise UserError(f"{where}config key '{key}.metrics' has unknown metric(s) {bad}; choose from "
+                        f"{list(EXTRA_EVAL_METRICS)}")
+    if "fd_classifier" in ev.metrics and not ev.feature_net:
+        raise UserError(f"{where}'{key}.metrics' has fd_classifier but '{key}.feature_net' is null; train one "
+                        f"with scripts/train_feature_net.py and set its path")
 
 
 def _validate_variants(cfg: Config) -> None:
