@@ -9,9 +9,9 @@ collective ``prepare`` step run on every rank, and ``compute``, run on rank 0. C
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 
 import torch
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 
-
 def _nll(ctx) -> dict:
     from ..metrics.likelihood import check_timesteps, nll_bpd
     from .sources import DatasetImages
