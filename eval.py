@@ -1,4 +1,5 @@
-"""FID, precision/recall, density/coverage and oracle metrics of generated images. See README.md
+"""FID, precision/recall, density/coverage, oracle metrics, classifier-feature FD/KID and power spectrum of
+generated images; bits/dim of a checkpoint. See README.md
 ("Generating and evaluating") and `python eval.py --help`."""
 
 from ddpm_curriculum.errors import run_cli

@@ -276,8 +276,26 @@ class MaskProConfig:
     baseline_beta: float = opt(0.99, "Decay β of the running baseline δ of the paired reward.", lo=0.0, hi=1.0)
 
 
+EXTRA_EVAL_METRICS = ("nll", "spectrum", "fd_classifier")  # evaluation/extra.py's registry, for validation
+
+
 @dataclass
-class EvalConfig:
+class ExtraEvalOptions:
+    """Opt-in metrics of a run's eval.json and of experiment grids (evaluation/extra.py)."""
+
+    metrics: list[str] = opt([], "Opt-in metrics: any of `nll` (bits/dim bound on the test split), `spectrum` "
+                             "(radial power spectrum vs the train split), `fd_classifier` (Fréchet distance + KID "
+                             "in `feature_net`'s features; not FID); [] = none.")
+    nll_samples: int = opt(256, "nll: the first N test images.", lo=1)
+    nll_timesteps: int = opt(50, "nll: network evaluations per image K (decoder + K−1 stratified KL terms, "
+                             "unbiased; capped at T, where it is exact).", lo=2)
+    spectrum_bands: int = opt(6, "spectrum: equal-width radial frequency bands up to Nyquist.", lo=1)
+    feature_net: str | None = opt(None, "fd_classifier: weights file of scripts/train_feature_net.py.")
+    ref_samples: int = opt(5000, "spectrum / fd_classifier: the first N training images as the reference.", lo=2)
+
+
+@dataclass
+class EvalConfig(ExtraEvalOptions):
     num_samples: int = opt(1024, "Samples generated for the end-of-training evaluation (`eval.json`); "
                            "0 = skip.", lo=0)
     batch_size: int = opt(256, "Batch size for that sampling.", lo=1)
@@ -576,6 +594,7 @@ def validate(cfg: Config) -> None:
     _validate_variants(cfg)
     _validate_maskpro(cfg)
     _validate_conditioning(cfg)
+    validate_extra_eval(cfg.eval, "eval")
 
 
 def _validate_conditioning(cfg: Config) -> None:
@@ -588,6 +607,17 @@ def _validate_conditioning(cfg: Config) -> None:
         raise UserError(f"'dataset.{key}' applies to dataset 'image_folder' only (dataset is '{d.name}'); remove it")
     if d.class_names and len(set(d.class_names)) != len(d.class_names):
         raise UserError(f"'dataset.class_names' has repeated names: {d.class_names}")
+
+
+def validate_extra_eval(ev: ExtraEvalOptions, key: str, where: str = "") -> None:
+    """Known opt-in metric names; fd_classifier needs a feature_net (whose file is checked when it is used)."""
+    bad = [m for m in ev.metrics if m not in EXTRA_EVAL_METRICS]
+    if bad:
+        raise UserError(f"{where}config key '{key}.metrics' has unknown metric(s) {bad}; choose from "
+                        f"{list(EXTRA_EVAL_METRICS)}")
+    if "fd_classifier" in ev.metrics and not ev.feature_net:
+        raise UserError(f"{where}'{key}.metrics' has fd_classifier but '{key}.feature_net' is null; train one "
+                        f"with scripts/train_feature_net.py and set its path")
 
 
 def _validate_variants(cfg: Config) -> None:

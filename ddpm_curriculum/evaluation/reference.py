@@ -28,6 +28,7 @@ class Reference:
     features: torch.Tensor | None = None  # [n, dims] of the first images, for precision/recall
     dataset: object | None = None  # the dataset object (twoscale oracle metrics)
     cache: Path | None = None  # where dataset statistics were cached
+    source: object | None = None  # the image source (folder / npz / dataset); None for statistics files
 
 
 def from_stats_file(path: str | Path, dims: int) -> Reference:
@@ -48,7 +49,7 @@ def from_stats_file(path: str | Path, dims: int) -> Reference:
 def from_images(source, extract, keep: int) -> Reference:
     """A folder / npz / dataset of reference images; ``extract(source, keep, desc)`` → ``Features``."""
     ref = Reference(source.description, len(source), tuple(source.shape),
-                    dataset=getattr(source, "dataset", None))
+                    dataset=getattr(source, "dataset", None), source=source)
     if extract is not None:
         feats = extract(source, keep, "reference features")
         ref.mu, ref.sigma = feats.stats.mean_cov()
@@ -87,7 +88,7 @@ def from_dataset(source: DatasetImages, cfg, split: str, limit: int | None, extr
     if path.is_file():
         data = load_stats(path)
         return Reference(source.description, int(data["num_images"]), tuple(source.shape), data["mu"],
-                         data["sigma"], torch.from_numpy(data["features"]), source.dataset, path)
+                         data["sigma"], torch.from_numpy(data["features"]), source.dataset, path, source)
     ref = from_images(source, extract, keep)
     if dist.is_main():
         save_stats(path, ref.mu, ref.sigma, features=ref.features.numpy(), num_images=ref.num_images)

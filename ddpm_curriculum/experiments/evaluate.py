@@ -19,6 +19,10 @@ checkpoints are differences between networks.
 - Samples: images 0 … num_samples−1 exactly as ``generate.py --seed <eval seed>`` makes them (DDIM, η = 0,
   or ancestral), quantised like saved PNGs, scored with the twoscale oracle metrics when the dataset is
   twoscale, and with FID (eval.py's code) when the grid's ``eval.fid_ref`` names a reference.
+- Opt-in (``eval.metrics``, evaluation/extra.py): ``nll_*`` (bits/dim bound on the first ``nll_samples`` test
+  images, ``nll_timesteps`` stratified terms, seeded by the eval seed), ``spectrum_*`` (the samples' radial
+  power spectrum against the first ``ref_samples`` training images) and ``fd_classifier`` / ``kid_classifier``
+  (in ``feature_net``'s features; not FID).
 """
 
 from __future__ import annotations
@@ -61,19 +65,24 @@ def validation_losses(net, settings: GridEvalConfig, device, batch_size: int = 2
 
 def sample_metrics(net, settings: GridEvalConfig, device) -> dict[str, float]:
     """Images 0 … num_samples−1 of ``generate.py --seed settings.seed``, scored: twoscale oracle metrics for a
-    twoscale run, FID when ``settings.fid_ref`` is set."""
+    twoscale run, FID when ``settings.fid_ref`` is set, and the opt-in ``settings.metrics``."""
+    from ..evaluation.extra import extra_metrics, needs_samples
+
     cfg = net.config
     twoscale = cfg.dataset.name == "twoscale"
-    if not (twoscale or settings.fid_ref):
+    if not (twoscale or settings.fid_ref or settings.metrics):
         return {}
-    images = eval_samples(net.diffusion, net.model, builders.image_shape(cfg), settings.num_samples,
-                          settings.sample_steps, settings.seed, settings.batch_size, device)
-    metrics = {}
+    images = None
+    if twoscale or settings.fid_ref or needs_samples(settings):
+        images = eval_samples(net.diffusion, net.model, builders.image_shape(cfg), settings.num_samples,
+                              settings.sample_steps, settings.seed, settings.batch_size, device)
+    metrics = extra_metrics(settings, cfg, net.diffusion, net.model, images, settings.seed, device) \
+        if settings.metrics else {}
     if twoscale:
         from ..metrics.oracle import twoscale_oracle_metrics
         from ..sampling import from_uint8
 
-        metrics = twoscale_oracle_metrics(from_uint8(images), builders.make_dataset(cfg))
+        metrics.update(twoscale_oracle_metrics(from_uint8(images), builders.make_dataset(cfg)))
         metrics.pop("num_samples")
         best = ceiling(net, settings)["minor_amplitude_excess"]
         metrics["minor_amplitude_excess_norm"] = metrics["minor_amplitude_excess"] / best

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import Config, build_section, load_config, opt, read_json_file
+from ..config import Config, ExtraEvalOptions, build_section, load_config, opt, read_json_file, validate_extra_eval
 from ..errors import UserError
 
 RUN_OVERRIDES = (  # what the runner changes in every training run (it evaluates checkpoints itself)
@@ -43,7 +43,7 @@ class ArmConfig:
 
 
 @dataclass
-class GridEvalConfig:
+class GridEvalConfig(ExtraEvalOptions):
     num_samples: int = opt(512, "Samples generated per evaluation (the same noise for every arm and seed).", lo=1)
     sample_steps: int = opt(25, "DDIM steps (eta 0) for those samples; 0 = ancestral with T steps.", lo=0)
     batch_size: int = opt(512, "Sampling batch size.", lo=1)
@@ -149,6 +149,7 @@ def load_grid(path: str | Path) -> GridConfig:
     if len(set(grid.seeds)) != len(grid.seeds):
         raise UserError(f"grid {path}: 'seeds' has duplicates: {grid.seeds}")
     for key, ev in (("eval", grid.eval), ("quick.eval", grid.quick.eval or grid.eval)):
+        validate_extra_eval(ev, key, f"grid {path}: ")
         if ev.fid_ref and ev.num_samples <= ev.fid_dims:
             raise UserError(f"grid {path}: FID needs more samples than feature dims ({key}.num_samples = "
                             f"{ev.num_samples} <= {key}.fid_dims = {ev.fid_dims}); raise num_samples or lower fid_dims")

@@ -25,7 +25,7 @@ METRICS = [
     ("minor_amplitude_excess_norm", +1), ("minor_floor", -1),
     ("minor_coverage", +1), ("tki_mse_400", +1), ("tki_400", 0),
     ("major_present", +1), ("major_amplitude", 0), ("major_coverage", +1), ("residual_ratio", 0),
-    ("fid", -1),
+    ("fid", -1), ("fd_classifier", -1), ("kid_classifier", -1), ("nll_bpd", -1), ("spectrum_high_error", -1),
 ]
 KEY_METRICS = ("val_loss", "val_loss_low_t", "minor_present", "minor_amplitude", "major_present",
                "residual_ratio", "fid")

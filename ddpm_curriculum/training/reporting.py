@@ -10,6 +10,7 @@ import torch
 from torchvision.utils import save_image
 
 from .. import dist
+from ..atomic import atomic_write
 from ..diffusion import ddim_sample
 
 
@@ -167,20 +168,49 @@ def sample_oracle_metrics(diffusion, model, dataset, num_samples: int, sample_st
 
 
 def evaluate_samples(cfg, diffusion, model, dataset, device, out_path: Path, step: int) -> dict:
-    """Generate ``eval.num_samples`` images and score them with the dataset's metrics → ``eval.json``."""
-    n = cfg.eval.num_samples
+    """Generate ``eval.num_samples`` images and score them with the dataset's metrics and the opt-in
+    ``eval.metrics`` (evaluation/extra.py) → ``eval.json``."""
+    from ..evaluation.extra import extra_metrics, needs_samples
+
+    n, ev = cfg.eval.num_samples, cfg.eval
     result = {"step": step, "num_samples": n, "sampler": _sampler_name(cfg), "seed": cfg.train.seed,
               "metrics": {}}
-    if n == 0:
+    if n == 0 and not ev.metrics:
         return result
-    if cfg.dataset.name != "twoscale":
+    twoscale = cfg.dataset.name == "twoscale"
+    if not twoscale and not ev.metrics:
         result["note"] = "no built-in metric for this dataset; use eval.py for FID"
-    else:
-        result["metrics"] = sample_oracle_metrics(diffusion, model, dataset, n, cfg.train.sample_steps,
-                                                  cfg.train.seed, cfg.eval.batch_size, device)
-    out_path.write_text(json.dumps(result, indent=2))
+    images = None
+    if n and (twoscale or needs_samples(ev)):
+        images = eval_samples(diffusion, model, dataset.image_shape if twoscale else _shape(cfg), n,
+                              cfg.train.sample_steps, cfg.train.seed, ev.batch_size, device)
+    if twoscale and images is not None:
+        from ..metrics.oracle import twoscale_oracle_metrics
+        from ..sampling import from_uint8
+
+        result["metrics"] = twoscale_oracle_metrics(from_uint8(images), dataset)
+    if ev.metrics:
+        if n == 0 and needs_samples(ev):
+            result["note"] = "eval.num_samples = 0: the sample metrics of eval.metrics were skipped"
+        wanted = ev if n or not needs_samples(ev) else _without_sample_metrics(ev)
+        result["metrics"].update(extra_metrics(wanted, cfg, diffusion, model, images, cfg.train.seed, device))
+    atomic_write(out_path, lambda f: f.write(json.dumps(result, indent=2).encode()))
     dist.print0("eval: " + json.dumps(result["metrics"]))
     return result
+
+
+def _shape(cfg):
+    from .builders import image_shape
+
+    return image_shape(cfg)
+
+
+def _without_sample_metrics(ev):
+    import dataclasses
+
+    from ..evaluation.extra import EXTRA_METRICS
+
+    return dataclasses.replace(ev, metrics=[m for m in ev.metrics if not EXTRA_METRICS[m][1]])
 
 
 def _sampler_name(cfg) -> str:
