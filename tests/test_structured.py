@@ -250,3 +250,48 @@ def test_bad_input_is_one_line(dense, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(e.startswith("error: ") for e in err)
     assert "[0, 1)" in err[0] and "--layers" in err[1] and "Torch-Pruning" in err[2]
+
+
+# ------------------------------------------------------------------------------------- compression report
+
+
+def test_compression_report_quick(dense, tmp_path):
+    from ddpm_curriculum.pruning import report
+
+    nm = ["--method", "nm", "--eval_samples", "0", "--preview_samples", "0"]
+    assert prune_cli(dense, tmp_path / "s") == 0
+    assert run_cli(cli.main, [*nm, "--model_path", str(dense), "--save_path", str(tmp_path / "nm")]) == 0
+    assert run_cli(cli.main, [*nm, "--model_path", str(tmp_path / "s" / "pruned.pt"),
+                              "--save_path", str(tmp_path / "hy")]) == 0
+    paths = {"dense": dense, "structured": tmp_path / "s" / "pruned.pt", "nm": tmp_path / "nm" / "pruned.pt",
+             "hybrid": tmp_path / "hy" / "pruned.pt"}
+    out = tmp_path / "report"
+    assert run_cli(report.main, ["--quick", "--out", str(out), *[f"--candidate={k}={v}" for k, v in paths.items()]]) == 0
+    res = json.loads((out / "evaluation_results.json").read_text())
+    rows = res["candidates"]
+    assert [rows[k]["kind"] for k in paths] == ["dense", "structured", "N:M", "hybrid"]
+    for name, path in paths.items():
+        model = load_network(path).model
+        assert rows[name]["params"] == sum(p.numel() for p in model.parameters())
+        assert rows[name]["nonzeros"] == sum(int((p != 0).sum()) for p in model.parameters())
+        assert rows[name]["macs_per_image"] == count_macs(model, SHAPE)
+        assert len(rows[name]["latency_sec"]["rounds"]) == 3 and rows[name]["oracle_metrics"]["num_samples"] == 16
+    d, s, n, h = (rows[k] for k in paths)
+    assert d["latency_vs_reference"] == 1.0 and s["macs_per_image"] < d["macs_per_image"] == n["macs_per_image"]
+    assert n["nonzeros"] < n["params"] == d["params"] and h["nonzeros"] < h["params"] == s["params"]
+    assert d["nm_compact_bytes"] is None and n["nm_compact_bytes"] < n["state_dict_bytes"]
+    assert h["nm_compact_bytes"] < h["state_dict_bytes"] < d["state_dict_bytes"]
+    text = (out / "comparison_table.md").read_text()
+    assert all(f"| {k} |" in text for k in paths) and "storage" in text
+    assert (out / "comparison.png").stat().st_size > 0
+
+
+def test_report_memory_and_bad_input(dense, tmp_path, capsys):
+    from ddpm_curriculum.pruning import report
+
+    mem = report.sampling_peak_rss(str(dense), report.QUICK)
+    assert mem["maxrss_after_sampling_bytes"] >= mem["maxrss_loaded_bytes"] > 0
+    assert run_cli(report.main, ["--out", str(tmp_path), "--candidate", "dense"]) == 2
+    assert run_cli(report.main, ["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "NAME=PATH" in err[0] and "at least one" in err[1]
