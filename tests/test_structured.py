@@ -107,7 +107,7 @@ def test_pruned_network_equals_the_masked_original(criterion, protect):
 
 
 def test_groupnorm_groups_stay_valid_and_protected_layers_keep_their_outputs():
-    original, pruned, result = prune_small(protect=cli.DEFAULT_PROTECT)
+    original, pruned, _ = prune_small(protect=cli.DEFAULT_PROTECT)
     for name, m in pruned.named_modules():
         if isinstance(m, nn.GroupNorm):
             m0 = original.get_submodule(name)

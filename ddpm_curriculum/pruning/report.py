@@ -153,7 +153,7 @@ def measure_memory(path: str, s: Settings) -> dict:
            "_memory_child(sys.argv[1], json.loads(sys.argv[2]))"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     res = subprocess.run([sys.executable, "-c", code, str(path), json.dumps(s.__dict__)], capture_output=True,
-                         text=True, env=env)
+                         check=False, text=True, env=env)
     if res.returncode != 0:
         last = (res.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"the memory subprocess for {path} failed ({last[:200]}); rerun with --memory none")
