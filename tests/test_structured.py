@@ -291,6 +291,8 @@ def test_report_memory_and_bad_input(dense, tmp_path, capsys):
 
     mem = report.sampling_peak_rss(str(dense), report.QUICK)
     assert mem["maxrss_after_sampling_bytes"] >= mem["maxrss_loaded_bytes"] > 0
+    if sys.platform == "linux":
+        assert mem["sampling_added_bytes"] is not None and mem["sampling_added_bytes"] >= 0
     assert run_cli(report.main, ["--out", str(tmp_path), "--candidate", "dense"]) == 2
     assert run_cli(report.main, ["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -9,7 +9,9 @@ For every candidate (any network ``load_network`` reads):
   the same process in interleaved rounds (``bench.timing.time_interleaved``; one warm-up each), so a change of
   machine load hits all alike; median and fastest round, images per second, and the ratio to the reference;
 - **peak memory**: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of a fresh subprocess per candidate (Linux: KiB
-  → bytes) after loading the network and after one sampling batch; the difference is what sampling added;
+  → bytes) after loading the network and after one sampling batch (the whole process, torch included); on Linux
+  also what the batch added: its peak RSS (VmHWM, reset after loading via ``/proc/self/clear_refs``) minus the
+  RSS before it;
 - **quality**: the twoscale oracle metrics (``metrics/oracle.py``) of ``eval_samples`` DDIM samples, same seeds
   for every candidate, where the network was trained on twoscale.
 
@@ -126,8 +128,29 @@ def _sampler(net, s: Settings):
     return fn
 
 
+def _proc_status_bytes(key: str) -> int | None:
+    """``VmRSS``/``VmHWM`` of /proc/self/status in bytes (Linux), else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS: Linux ``clear_refs`` value 5."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def sampling_peak_rss(path: str, s: Settings) -> dict:
-    """ru_maxrss (bytes) of this process after loading ``path`` and after one sampling batch."""
+    """Memory of this process (bytes): ``ru_maxrss`` after loading ``path`` and after one sampling batch; on
+    Linux also the peak RSS of the sampling alone (VmHWM reset after loading) minus the RSS before it."""
     import resource
 
     from ..training.checkpoint import load_network
@@ -135,9 +158,13 @@ def sampling_peak_rss(path: str, s: Settings) -> dict:
     scale = 1 if sys.platform == "darwin" else 1024  # Linux reports KiB
     net = load_network(path)
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    rss_before = _proc_status_bytes("VmRSS")
+    reset = _reset_peak_rss()
     _sampler(net, s)()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-    return {"maxrss_loaded_bytes": loaded, "maxrss_after_sampling_bytes": peak, "sampling_added_bytes": peak - loaded}
+    hwm = _proc_status_bytes("VmHWM") if reset else None
+    return {"maxrss_loaded_bytes": loaded, "maxrss_after_sampling_bytes": peak,
+            "sampling_added_bytes": None if hwm is None or rss_before is None else hwm - rss_before}
 
 
 def _memory_child(path: str, settings: dict) -> None:
@@ -208,7 +235,8 @@ def compare(candidates: dict[str, str], s: Settings, progress=print) -> dict:
             "how": {"latency": "DDIM sampling (eta 0) of `batch` images, all candidates in one process, interleaved "
                                "rounds after one warm-up each; median and fastest round",
                     "memory": "resource ru_maxrss of a fresh subprocess per candidate, after loading and after one "
-                              "sampling batch (includes the Python/torch runtime)",
+                              "sampling batch (includes the Python/torch runtime); 'sampling added' = peak RSS "
+                              "during the batch (Linux VmHWM, reset after loading) minus the RSS before it",
                     "macs": "Conv2d, Linear and attention matmuls, one image, zeros counted (dense kernels)",
                     "speed_note": "structured pruning removes channels, so dense CPU kernels do less work; N:M and "
                                   "other masks only zero weights: without sparse kernels they save storage (the "
@@ -252,7 +280,8 @@ def table(results: dict) -> str:
                       f"samples (seed {s['seed']}).", "", "| network | " + " | ".join(keys) + " |",
                   "|---|" + "---|" * len(keys)]
         lines += [f"| {n} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |" for n, m in metrics]
-    lines += ["", results["how"]["speed_note"].capitalize() + ".", ""]
+    note = results["how"]["speed_note"]
+    lines += ["", note[0].upper() + note[1:] + ".", ""]
     return "\n".join(lines)
 
 
