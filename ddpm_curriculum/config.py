@@ -110,6 +110,10 @@ class ModelConfig:
     channels_last: bool = opt(False, "Run convolutions in channels_last memory format "
                               "(faster on CPU and on tensor-core GPUs).")
     compile: bool = opt(False, "Wrap the network in `torch.compile`.")
+    widths: dict[str, list[int]] | None = opt(None, "Layer widths of a structurally pruned network, written by "
+                                             "`prune.py --method structured` (never by hand): module name → "
+                                             "[out, in] of a Conv2d/Linear or [groups, channels] of a GroupNorm "
+                                             "that differs from the architecture above; null = unpruned.")
 
 
 @dataclass
@@ -345,6 +349,10 @@ def _convert(value: Any, tp, path: str):
             return None
         inner = [a for a in args if a is not type(None)]
         return _convert(value, inner[0], path)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise UserError(f"config key '{path}' must be a mapping of names, got {value!r:.80}")
+        return {k: _convert(v, args[1], f"{path}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise UserError(f"config key '{path}' must be a list, got {value!r}")

@@ -86,20 +86,25 @@ def test_sparsity_summary_has_the_seed_004_overall_stats():
         pytest.approx(zeros / sum(m.weight.numel() for m in layers), rel=1e-12, abs=0)
 
 
-def test_pruning_method_is_seed_004_spelling_of_method(trained, tmp_path, capsys):
+def test_pruning_method_is_seed_004_spelling_of_structured_pruning(trained, tmp_path, capsys):
+    """Seed 004's stage 1 (Diff-Pruning) is structured: --pruning_method X = --method structured --criterion X."""
+    pytest.importorskip("torch_pruning")
     args = ["--pruning_ratio", "0.5", "--model_path", str(trained), *QUIET]
-    assert run_cli(prune_main, ["--pruning_method", "magnitude", "--save_path", str(tmp_path / "a"), *args]) == 0
-    assert run_cli(prune_main, ["--method", "magnitude", "--save_path", str(tmp_path / "b"), *args]) == 0
-    a, b = load_masks(tmp_path / "a" / "masks.pt"), load_masks(tmp_path / "b" / "masks.pt")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((tmp_path / "a" / "pruning_stats.json").read_text())["method"] == "magnitude"
+    assert run_cli(prune_main, ["--pruning_method", "random", "--save_path", str(tmp_path / "a"), *args]) == 0
+    assert run_cli(prune_main, ["--method", "structured", "--criterion", "random", "--save_path",
+                                str(tmp_path / "b"), *args]) == 0
+    a, b = load_network(tmp_path / "a" / "pruned.pt"), load_network(tmp_path / "b" / "pruned.pt")
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.config.model.widths and a.config.model.widths == b.config.model.widths
+    stats = json.loads((tmp_path / "a" / "pruning_stats.json").read_text())
+    assert stats["method"] == "structured" and stats["criterion"] == "random"
     capsys.readouterr()
-    code = run_cli(prune_main, ["--pruning_method", "random", "--method", "nm", "--save_path", str(tmp_path), *args])
-    err = capsys.readouterr().err
-    assert code == 2 and "--method nm conflicts with --pruning_method random" in err and len(err.splitlines()) == 1
-    with pytest.raises(SystemExit) as exit_info:  # seed 004's taylor pruner is not implemented: argparse refuses it
-        run_cli(prune_main, ["--pruning_method", "taylor", "--save_path", str(tmp_path), *args])
-    assert exit_info.value.code == 2 and "invalid choice: 'taylor'" in capsys.readouterr().err
+    for extra, fragment in ((["--method", "nm"], "--method nm conflicts with --pruning_method random"),
+                            (["--criterion", "taylor"], "--pruning_method random conflicts with --criterion taylor")):
+        code = run_cli(prune_main, ["--pruning_method", "random", *extra, "--save_path", str(tmp_path), *args])
+        err = capsys.readouterr().err
+        assert code == 2 and fragment in err and len(err.splitlines()) == 1
 
 
 # ------------------------------------------------------------------------------- seed 003 mask files

@@ -1,6 +1,7 @@
 """Command line of ``prune.py``: prune a trained DDPM, or extract the masks of a pruned one.
 
     python prune.py --method magnitude --model_path runs/quickstart-… --save_path runs/pruned --pruning_ratio 0.5
+    python prune.py --method structured --criterion taylor --model_path runs/quickstart-… --save_path runs/struct
     python prune.py --method nm --n 2 --m 4 --model_path google-ddpm-cifar10-32/ --save_path runs/nm24
     python prune.py --method extract --model_path runs/finetune-… --save_path runs/final --n 2 --m 4
     python prune.py extract --model_path runs/pruned --output_dir initial_mask_diffusion     # seed 003 layout
@@ -11,7 +12,9 @@ Writes into ``--save_path``: ``pruned.pt`` (a normal checkpoint whose pruned wei
 ``masks``), ``masks.pt`` (``{layer_name: bool}``, True = kept), ``pruning_stats.json``, ``nm_compact.pt``
 (kept values + index patterns, when every mask is N:M), ``preview.png``, and for ``twoscale`` models the
 oracle metrics before (``eval_original.json``) and after (``eval.json``) pruning; with ``--mask_dir`` (seed 003's
-``--output_dir``) also one ``{layer_name}.pt`` per mask and ``extraction_summary.txt``. The first argument may
+``--output_dir``) also one ``{layer_name}.pt`` per mask and ``extraction_summary.txt``. ``--method structured``
+writes a smaller network instead (``pruned.pt`` without masks, its config's ``model.widths`` recording the
+pruned widths; ``structured.py``), with the same stats, preview and evaluation files. The first argument may
 name a step instead: a method (``prune.py extract …`` = ``--method extract``) or one of ``STEPS``
 (``baseline_loss``, ``export``: see ``steps.py``).
 """
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write
 from ..config import config_from_dict
 from ..errors import UserError
 from ..training.checkpoint import FORMAT_VERSION, atomic_torch_save, load_network
@@ -33,6 +37,8 @@ from .magnitude import SCOPES, magnitude_masks, random_masks
 from .masks import (DEFAULT_PROTECT, apply_masks, masks_from_nonzero, save_mask_dir, save_masks, select_layers,
                     sparsity_summary)
 from .nm import NM_ORDERS, check_nm, export_compact, nm_eligible, nm_mask
+from .structured import CRITERIA as STRUCTURED_CRITERIA
+from .structured import DEFAULT_TAYLOR_THRESHOLD
 
 
 def _magnitude(layers, args):
@@ -51,10 +57,33 @@ def _extract(layers, args):
     return masks_from_nonzero(layers)
 
 
+def prune_structured(out: Path, net, args) -> dict:
+    """``--method structured``: a smaller network in ``pruned.pt`` (no masks); returns the statistics."""
+    from .structured import StructuredOptions, calibration_batch, prune_network
+
+    if args.layers:
+        raise UserError("--layers selects layers for mask pruning; structured pruning removes coupled channel "
+                        "groups across layers: drop --layers (use --protect to keep a layer's channels)")
+    default = () if args.no_default_protect else DEFAULT_PROTECT
+    opts = StructuredOptions(args.pruning_ratio, args.criterion, args.norm, args.scope,
+                             tuple(args.protect) + tuple(default), args.seed)
+    opts.check()
+    calib = calibration_batch(net.config, args.calib_samples, args.seed) if args.criterion == "taylor" else None
+    model, cfg_dict, stats = prune_network(net, opts, calib, args.taylor_threshold)
+    state = {"format_version": FORMAT_VERSION, "config": cfg_dict, "model": model.state_dict(), "ema": None,
+             "step": net.step, "pruning": {k: stats[k] for k in ("method", "criterion", "pruning_ratio", "scope",
+                                                                 "source", "weights")}}
+    atomic_torch_save(out / "pruned.pt", state)
+    net.model, net.config = model, config_from_dict(cfg_dict)
+    return stats
+
+
 # load_network formats that store no dataset (CIFAR-10 is assumed unless --dataset says otherwise)
 IMPORTED_FORMATS = ("ddpm-torch", "diffusers")
 # method → masks from the chosen {name: layer} (and the parsed arguments)
 METHODS = {"magnitude": _magnitude, "random": _random, "nm": _nm, "extract": _extract}
+# methods that change the architecture instead of masking weights: method → (out, net, args) → stats
+PIPELINES = {"structured": prune_structured}
 
 
 def _add(p, *names, **kw):
@@ -69,15 +98,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Prune a trained DDPM (magnitude, random, N:M) or extract the masks "
                                             "of a pruned one. See README.md, 'Pruning'. Other steps: "
                                             "prune.py baseline_loss --help, prune.py export --help.")
-    p.add_argument("--method", choices=sorted(METHODS), help="default magnitude (or --pruner)")
+    p.add_argument("--method", choices=sorted({*METHODS, *PIPELINES}), help="default magnitude (or --pruner)")
     p.add_argument("--pruner", choices=["magnitude", "random"], help="seed 003 spelling of --method")
-    _add(p, "--pruning_method", choices=sorted(METHODS), help="seed 004 spelling of --method")
+    _add(p, "--pruning_method", choices=sorted(STRUCTURED_CRITERIA), help="seed 004's stage 1 (Diff-Pruning): "
+         "= --method structured --criterion PRUNING_METHOD")
     _add(p, "--model_path", required=True, help="run dir / checkpoint / pruned.pt / ddpm-torch .pt / diffusers folder")
     _add(p, "--save_path", help="output directory (default: --output_dir)")
     _add(p, "--mask_dir", "--output_dir", help="also write one {layer_name}.pt mask per layer and "
          "extraction_summary.txt here (seed 003's get_mask_diffusion.py --output_dir)")
-    _add(p, "--pruning_ratio", type=float, default=0.5, help="share of weights set to 0 (magnitude, random)")
-    p.add_argument("--scope", choices=SCOPES, default="layer", help="magnitude: ratio per layer or over all layers")
+    _add(p, "--pruning_ratio", type=float, default=0.5, help="share of weights set to 0 (magnitude, random); "
+         "structured: share of each coupled channel group removed")
+    p.add_argument("--scope", choices=SCOPES, default="layer", help="magnitude: ratio per layer or over all "
+                   "layers; structured: per channel group or ranked over all groups")
+    p.add_argument("--criterion", choices=sorted(STRUCTURED_CRITERIA),
+                   help="structured: channel-group importance (default magnitude; taylor = Diff-Pruning's)")
+    p.add_argument("--norm", type=int, default=2, help="structured magnitude: L1 (1) or L2 (2) norm")
+    _add(p, "--calib_samples", type=int, default=64, help="structured taylor: training images in the batch")
+    _add(p, "--taylor_threshold", type=float, default=DEFAULT_TAYLOR_THRESHOLD,
+         help="structured taylor: sum gradients over t = 0, 1, … until L_t < this × max L (Diff-Pruning: 0.05)")
     p.add_argument("--n", type=int, default=2, help="N of N:M (nm; compliance reported for every method)")
     p.add_argument("--m", type=int, default=4, help="M of N:M")
     _add(p, "--nm_order", choices=NM_ORDERS, default="asp", help="asp: groups along input channels per kernel "
@@ -98,11 +136,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     _add(p, "--sample_steps", type=int, help="DDIM steps for preview/eval (default train.sample_steps)")
     args = p.parse_args(argv)
     given = {flag: v for flag, v in (("--method", args.method), ("--pruner", args.pruner),
-                                     ("--pruning_method", args.pruning_method)) if v}
+                                     ("--pruning_method", args.pruning_method and "structured")) if v}
     if len(set(given.values())) > 1:
         (f1, v1), (f2, v2) = [(f, v) for f, v in given.items()][:2]
+        v2 = args.pruning_method if f2 == "--pruning_method" else v2
         raise UserError(f"{f1} {v1} conflicts with {f2} {v2}; give one of them")
+    if args.pruning_method and args.criterion not in (None, args.pruning_method):
+        raise UserError(f"--pruning_method {args.pruning_method} conflicts with --criterion {args.criterion}; "
+                        f"give one of them")
     args.method = next(iter(given.values()), "magnitude")
+    args.criterion = args.criterion or args.pruning_method or "magnitude"
+    if args.mask_dir and args.method in PIPELINES:
+        raise UserError(f"--mask_dir writes masks, but --method {args.method} removes channels instead of masking "
+                        f"them; drop --mask_dir (or use --save_path)")
     args.save_path = args.save_path or args.mask_dir
     if not args.save_path:
         raise UserError("prune.py needs --save_path DIR (or --output_dir DIR, seed 003's mask folder)")
@@ -228,17 +274,38 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(f"loaded {net.format} network from {net.source} ({net.weights} weights, step {net.step})")
     before = evaluate(net, args, net.model, out / "eval_original.json", device)
-    masks, stats = prune(net, args)
-    save_pruned(out, net, masks, stats, args)
-    if args.mask_dir:
-        save_mask_dir(args.mask_dir, masks, f"masks of {net.source} ({net.weights} weights), method {args.method}: "
-                                            f"one {{layer_name}}.pt per layer, bool, True = kept")
+    if args.method in PIPELINES:
+        stats = PIPELINES[args.method](out, net, args)
+    else:
+        masks, stats = prune(net, args)
+        save_pruned(out, net, masks, stats, args)
+        if args.mask_dir:
+            save_mask_dir(args.mask_dir, masks, f"masks of {net.source} ({net.weights} weights), method "
+                                                f"{args.method}: one {{layer_name}}.pt per layer, bool, True = kept")
     after = evaluate(net, args, net.model, out / "eval.json", device)
     stats["oracle_metrics"] = {"before": before, "after": after} if after is not None else None
-    (out / "pruning_stats.json").write_text(json.dumps(stats, indent=2))
+    atomic_write(out / "pruning_stats.json", lambda f: f.write(json.dumps(stats, indent=2).encode()))
     preview(net, args, net.model, out / "preview.png", device)
-    _report(stats, out, args.mask_dir)
+    REPORTS.get(args.method, _report)(stats, out, args.mask_dir)
     return 0
+
+
+def _report_structured(stats: dict, out: Path, mask_dir=None) -> None:
+    b, a = stats["before"], stats["after"]
+    print(f"structured ({stats['criterion']}, ratio {stats['pruning_ratio']}): {len(stats['layers'])} layers "
+          f"narrowed; parameters {b['params']:,} → {a['params']:,} ({100 * stats['params_ratio']:.1f}%), "
+          f"MACs per image {b['macs']:,} → {a['macs']:,} ({100 * stats['macs_ratio']:.1f}%)")
+    if stats["taylor"]:
+        print(f"taylor: gradients of t = 0..{stats['taylor']['timesteps_used'] - 1} "
+              f"(threshold {stats['taylor']['threshold']})")
+    for when, metrics in (stats["oracle_metrics"] or {}).items():
+        if metrics:
+            print(f"oracle metrics {when}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                                        if k != "num_samples"))
+    print(f"wrote {out}/pruned.pt (a smaller network; model.widths in its config), pruning_stats.json")
+
+
+REPORTS = {"structured": _report_structured}
 
 
 def _report(stats: dict, out: Path, mask_dir=None) -> None:

@@ -18,7 +18,7 @@ from .masks import apply_masks, check_masks, load_masks
 
 # Model keys that define the architecture (taken from the source); the rest are training choices.
 ARCHITECTURE_KEYS = ("name", "in_channels", "hid_channels", "ch_multipliers", "num_res_blocks", "apply_attn",
-                     "resample_with_conv", "norm_groups", "norm_eps")
+                     "resample_with_conv", "norm_groups", "norm_eps", "widths")
 
 
 def load_source(cfg: Config):
@@ -45,9 +45,12 @@ def adopt_source_architecture(cfg: Config) -> tuple[Config, list[str]]:
 
 
 def source_masks(cfg: Config, net) -> dict:
-    """The masks a run uses: ``maskpro.masks`` if set, else the source checkpoint's own."""
+    """The masks a run uses: ``maskpro.masks`` if set, else the source checkpoint's own (none for a
+    structurally pruned source without masks: its removed channels are gone, every other weight trains)."""
     if cfg.maskpro.masks:
         return load_masks(cfg.maskpro.masks)
+    if not net.masks and net.config.model.widths:  # structurally pruned: fine-tune every remaining weight
+        return {}
     if not net.masks:
         raise UserError(f"{cfg.maskpro.source} has no masks (it is not a pruned or MaskPro checkpoint); "
                         f"set maskpro.masks to a mask file from prune.py")
@@ -94,7 +97,7 @@ class MaskedFinetune(TrainingExtension):
     def log_fields(self, trainer) -> dict:
         kept = sum(int(k.sum()) for k in self.masks.values())
         total = sum(k.numel() for k in self.masks.values())
-        return {"masked_layers_sparsity": 1.0 - kept / max(total, 1)}
+        return {"masked_layers_sparsity": 1.0 - kept / total if total else 0.0}
 
     def state_dict(self) -> dict:
         return {"masks": self.masks}

@@ -10,6 +10,7 @@ from ..data import build_dataset, class_names, dataset_image_shape
 from ..diffusion import CurriculumDiffusion, make_betas, make_loss_weights, matched_histogram
 from ..errors import UserError
 from ..models import GATED_MODEL_NAMES, build_model
+from ..models.widths import set_widths
 
 
 def twoscale_kwargs(d: DatasetConfig) -> dict:
@@ -83,11 +84,17 @@ def make_model(cfg: Config, name: str | None = None) -> nn.Module:
                         f"({len(m.ch_multipliers)} UNet levels); change dataset.image_size or model.ch_multipliers")
     # Mode CS needs the gated network; with an all-ones mask it computes exactly what "unet" computes.
     name = name or (GATED_MODEL_NAMES[cfg.sparsity.location] if cfg.sparsity.enabled else m.name)
-    return build_model(name, in_channels=m.in_channels, hid_channels=m.hid_channels,
-                       ch_multipliers=tuple(m.ch_multipliers), num_res_blocks=m.num_res_blocks,
-                       apply_attn=tuple(m.apply_attn), drop_rate=m.drop_rate,
-                       resample_with_conv=m.resample_with_conv, norm_groups=m.norm_groups, norm_eps=m.norm_eps,
-                       num_classes=m.num_classes)
+    model = build_model(name, in_channels=m.in_channels, hid_channels=m.hid_channels,
+                        ch_multipliers=tuple(m.ch_multipliers), num_res_blocks=m.num_res_blocks,
+                        apply_attn=tuple(m.apply_attn), drop_rate=m.drop_rate,
+                        resample_with_conv=m.resample_with_conv, norm_groups=m.norm_groups, norm_eps=m.norm_eps,
+                        num_classes=m.num_classes)
+    if m.widths:  # a structurally pruned network (prune.py --method structured): narrower layers
+        if name != "unet":
+            raise UserError(f"model.widths (a structurally pruned network) needs model 'unet', not {name!r}; "
+                            f"mode CS's gated network cannot be structurally pruned")
+        set_widths(model, m.widths)
+    return model
 
 
 def make_diffusion(cfg: Config) -> CurriculumDiffusion:
