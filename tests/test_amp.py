@@ -66,8 +66,8 @@ def test_fp16_on_cpu_is_refused_and_points_to_bf16(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_load_network_uses_the_configured_memory_format(tmp_path, channels_last):
-    run(tiny_cfg("train.steps=6", "eval.num_samples=0", "train.image_intv=0", f"model.channels_last={str(channels_last).lower()}"),
-        tmp_path)
+    run(tiny_cfg("train.steps=6", "eval.num_samples=0", "train.image_intv=0",
+                 f"model.channels_last={str(channels_last).lower()}"), tmp_path)
     convs = [m.weight for m in load_network(tmp_path).model.modules()
              if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]  # 1×1 weights are both layouts
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) == channels_last

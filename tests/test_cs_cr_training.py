@@ -103,7 +103,7 @@ def test_regrowth_picks_the_largest_accumulated_scores(tmp_path, monkeypatch, me
     kind = "gate" if method == "gate_gradient" else "weight"
     mask = torch.zeros(64, dtype=torch.bool)
     mask[:16] = True
-    for rec, start in zip(recs[1:], (0, 5) if kind == "gate" else (0, 0)):
+    for rec, start in zip(recs[1:], (0, 5) if kind == "gate" else (0, 0), strict=True):
         # gate: summed over the stage just ended (reset at each regrowth); weight: since the start (seed)
         score = sum(p for k, step, p in seen if k == kind and start <= step < rec["step"])
         want = select_channels(score, ~mask, rec["active_channels"] - int(mask.sum()))

@@ -60,7 +60,7 @@ def test_twoscale_test_split_continues_the_stream_with_the_same_prototypes():
 
 def test_twoscale_sample_statistics_match_the_model():
     ds = TwoScaleDataset(num_samples=4000, image_size=8, k1=2, k2=2)
-    xs, labels = zip(*(ds[i] for i in range(len(ds))))
+    xs, labels = zip(*(ds[i] for i in range(len(ds))), strict=True)
     xs, labels = torch.stack(xs), torch.tensor(labels)
     counts = torch.bincount(labels, minlength=4).double() / len(labels)
     assert (counts - 0.25).abs().max() < 0.03  # k, j uniform

@@ -95,7 +95,7 @@ def test_ddim_step_matches_diffusers(pred, eta, clip):
     assert sorted(sched.timesteps.tolist()) == ours.tolist()
     model = lambda x, t: 2.0 * torch.tanh(x) + 0.001 * t.view(-1, 1, 1, 1)  # noqa: E731
     x = rand(2, 3, 4, 4, seed=6)
-    prevs = dict(zip(ours.tolist(), [-1] + ours[:-1].tolist()))
+    prevs = dict(zip(ours.tolist(), [-1] + ours[:-1].tolist(), strict=True))
     for t in sched.timesteps.tolist():
         out, z = model(x, torch.full((2,), t)), rand(2, 3, 4, 4, seed=t)
         ref = sched.step(out, t, x, eta=eta, variance_noise=z, use_clipped_model_output=clip)

@@ -83,7 +83,8 @@ def test_runs_expand_with_overrides_in_order_and_eval_points(tmp_path):
     ({"eval_at": [0.0]}, "fractions in (0, 1]"),
     ({"seedz": [1]}, "did you mean 'seeds'"),
     ({"eval": {"num_samples": 8, "fid_ref": "dataset", "fid_dims": 64}}, "more samples than feature dims"),
-    ({"eval": {"num_samples": 99, "fid_ref": "nowhere/stats.npz", "fid_dims": 64}}, "fid_ref nowhere/stats.npz not found"),
+    ({"eval": {"num_samples": 99, "fid_ref": "nowhere/stats.npz", "fid_dims": 64}},
+     "fid_ref nowhere/stats.npz not found"),
 ])
 def test_bad_grids_are_one_line_errors(tmp_path, change, fragment):
     with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(")", r"\)")):

@@ -56,7 +56,7 @@ def test_per_image_noise_depends_only_on_seed_and_index(monkeypatch):
     alone = {i: draws([i]) for i in (0, 3, 4)}
     batch = draws([4, 0, 3])
     for row, i in enumerate([4, 0, 3]):
-        for step, (a, b) in enumerate(zip(alone[i], batch)):
+        for step, (a, b) in enumerate(zip(alone[i], batch, strict=True)):
             assert torch.equal(a[0], b[row]), f"image {i}, draw {step}"
     assert not torch.equal(alone[0][0], alone[3][0])
     assert not torch.equal(draws([0])[0], PerImageNoise(8, [0], SHAPE, "cpu").initial())  # seed matters
@@ -191,5 +191,5 @@ def test_noise_fn_replaces_the_generator_draws_exactly():
                      lambda **kw: ddim_sample(diffusion, model, x_T, steps=10, eta=0.7, **kw)):
         own = run_loop(generator=torch.Generator().manual_seed(1))
         g = torch.Generator().manual_seed(1)
-        fed = run_loop(noise_fn=lambda: torch.randn(x_T.shape, generator=g))
+        fed = run_loop(noise_fn=lambda: torch.randn(x_T.shape, generator=g))  # noqa: B023 (called here)
         assert torch.equal(own, fed)

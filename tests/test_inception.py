@@ -41,7 +41,7 @@ def test_features_equal_pytorch_fid_for_odd_sizes(weights, reference, size):
         plain = inc.FIDInceptionV3()
         plain.load_state_dict(weights)
         ours = plain.eval()(x, dims=inc.BLOCK_DIMS)
-    for dim, ref in zip(inc.BLOCK_DIMS, theirs):
+    for dim, ref in zip(inc.BLOCK_DIMS, theirs, strict=True):
         assert ref.shape == (2, dim) and ref.abs().mean() > 1e-2  # non-degenerate activations
         torch.testing.assert_close(ours[dim], ref, rtol=1e-5, atol=1e-6, msg=f"{dim}-d features differ")
 

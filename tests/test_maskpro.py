@@ -154,7 +154,7 @@ def test_maskpro_finds_the_best_mask_from_the_wrong_one():
     for _ in range(3000):
         x = torch.randn(32, 8, generator=g)
         positions = update.sample(g)
-        initial, sampled = update.paired_losses(positions, lambda: (net(x) - x @ w_best.T).square().mean(1))
+        initial, sampled = update.paired_losses(positions, lambda: (net(x) - x @ w_best.T).square().mean(1))  # noqa: B023
         update.step(positions, float((sampled - initial).mean()))
     assert torch.equal(layers["0"].top_mask(), best)
     assert update.changed_fraction() == 1.0  # every group moved away from the (wrong) initial mask
@@ -176,7 +176,7 @@ def test_paired_baseline_has_far_lower_variance_than_unpaired():
     with torch.no_grad():
         for _ in range(12):
             b1, b2 = batch(), batch()
-            initial, sampled = update.paired_losses(positions, lambda: diffusion.training_losses(model, *b1))
+            initial, sampled = update.paired_losses(positions, lambda: diffusion.training_losses(model, *b1))  # noqa: B023
             paired.append((sampled - initial).mean())
             update.use(None)
             unpaired.append(sampled.mean() - diffusion.training_losses(model, *b2).mean())

@@ -59,7 +59,8 @@ SHRINK = ["model.hid_channels=32", "model.num_res_blocks=1", "model.norm_groups=
 
 @pytest.fixture(scope="module")
 def celeba_runs(tmp_path_factory):
-    """The seeds' celeba32 C, CS (the seed's own file and ours) and CR configs, trained on 6 fake images (2 steps per epoch)."""
+    """The seeds' celeba32 C, CS (the seed's own file and ours) and CR configs, trained on 6 fake images
+    (2 steps per epoch)."""
     root = tmp_path_factory.mktemp("celeba")
     make_fake_celeba(root, n=6, partition=False)
     runs = {}

@@ -361,7 +361,8 @@ def test_registry_builds_unet():
     sparse = build_model("sparse_unet", hid_channels=32, ch_multipliers=(1, 2), apply_attn=(False, True))
     assert isinstance(sparse, SparseUNet) and sparse.channel_mask.shape == (64,)
     decoder = build_model("decoder_sparse_unet", hid_channels=32, ch_multipliers=(1, 2), apply_attn=(False, True))
-    # up blocks (deepest first, 2 per level): cat(64, 64), cat(64, 64), cat(64, 32), cat(64, 32), cat(32, 32), cat(32, 32)
+    # up blocks (deepest first, 2 per level):
+    # cat(64, 64), cat(64, 64), cat(64, 32), cat(64, 32), cat(32, 32), cat(32, 32)
     assert decoder.gate_segments == [128, 128, 96, 96, 64, 64] and decoder.channel_mask.shape == (576,)
     assert count_parameters(nn.Linear(3, 2)) == 8
 

@@ -63,7 +63,7 @@ def test_nm_magnitude_mask_keeps_the_n_largest_of_each_group(n, m):
     w = torch.randn(6, 16, 3, 3)
     mask = nm_mask(w, n, m)
     assert nm_compliance(mask, n, m) == 1.0 and mask.sum() == w.numel() * n // m
-    for g_w, g_k in zip(brute_groups(w, m, "asp"), brute_groups(mask.float(), m, "asp")):
+    for g_w, g_k in zip(brute_groups(w, m, "asp"), brute_groups(mask.float(), m, "asp"), strict=True):
         ranked = sorted(range(m), key=lambda j: -abs(g_w[j]))
         assert sorted(j for j in range(m) if g_k[j]) == sorted(ranked[:n])
     assert nm_compliance(torch.ones(6, 16, 3, 3, dtype=torch.bool), n, m) == 0.0

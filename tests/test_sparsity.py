@@ -44,7 +44,7 @@ def test_seed000_sparsity_list_over_256_channels():
 
 def test_lambda_schedules_match_the_seeds_digits():
     linear = stage_values("linear", 3e-5, 5)
-    for got, want in zip(linear, [3.0e-5, 2.25e-5, 1.5e-5, 7.5e-6, 0.0]):
+    for got, want in zip(linear, [3.0e-5, 2.25e-5, 1.5e-5, 7.5e-6, 0.0], strict=True):
         assert got == pytest.approx(want, abs=1e-12)
     cosine = stage_values("cosine", 5e-5, 5)
     assert [round(v, 7) for v in cosine] == [5e-5, 4.27e-5, 2.5e-5, 7.3e-6, 0.0]
@@ -280,7 +280,7 @@ def test_decoder_gates_cut_the_skip_path_too(which):
         return hook
 
     handles = [b.register_forward_pre_hook(perturb(w), prepend=True)
-               for b, w in zip(model.gated_blocks, model.segment_slices())]
+               for b, w in zip(model.gated_blocks, model.segment_slices(), strict=True)]
     with torch.no_grad():
         after = model(x, t)
     for h in handles:

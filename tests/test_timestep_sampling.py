@@ -126,8 +126,8 @@ def test_logsnr_bounds_follow_the_half_open_rule_on_the_logsnr_axis():
     u = (logsnr[0] - logsnr) / (logsnr[0] - logsnr[-1])
     assert logsnr_range_indices(0.0, 1.0, ab) == (0, 999)
     edges = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-    ranges = [logsnr_range_indices(a, b, ab) for a, b in zip(edges, edges[1:])]
-    for (a, b), (lo, hi) in zip(zip(edges, edges[1:]), ranges):
+    ranges = [logsnr_range_indices(a, b, ab) for a, b in zip(edges, edges[1:], strict=False)]
+    for (a, b), (lo, hi) in zip(zip(edges, edges[1:], strict=False), ranges, strict=False):
         inside = [t for t in range(1000) if a <= u[t] and (u[t] < b or b == 1.0)]
         assert (lo, hi) == (inside[0], inside[-1])
     assert all(ranges[i][1] + 1 == ranges[i + 1][0] for i in range(4))  # a partition of 0..999

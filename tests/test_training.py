@@ -264,8 +264,8 @@ def test_ema_follows_the_warmed_up_decay_formula():
                 p.add_(torch.randn_like(p))
         ema.update(model)
         d = min(0.99, (1 + n) / (10 + n))
-        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, model.parameters())]
-    for e, p in zip(expected, ema.model.parameters()):
+        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, model.parameters(), strict=True)]
+    for e, p in zip(expected, ema.model.parameters(), strict=True):
         torch.testing.assert_close(p, e, atol=1e-6, rtol=1e-6)
     assert ema.num_updates == 39
 

@@ -214,7 +214,8 @@ def _sample_shard(net, spec, indices, seed, batch_size, image_shape, device, sav
         for lo in range(0, len(indices), batch_size):
             batch = indices[lo:lo + batch_size]
             images = to_uint8(sample_batch(net.diffusion, model, spec, batch, seed, image_shape, device)).numpy()
-            written = {sample_name(i): write_png(save_dir / sample_name(i), image) for i, image in zip(batch, images)}
+            written = {sample_name(i): write_png(save_dir / sample_name(i), image)
+                       for i, image in zip(batch, images, strict=True)}
             journal.write(json.dumps(written) + "\n")  # after the renames: a listed PNG is complete
             journal.flush()
             digests.update(written)

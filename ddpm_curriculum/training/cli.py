@@ -80,7 +80,7 @@ def _diff(a, b, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         return [key for k in sorted(set(a) | set(b)) for key in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and any(isinstance(x, dict) for x in a):
-        return [key for i, (x, y) in enumerate(zip(a, b)) for key in _diff(x, y, f"{prefix}{i}.")]
+        return [key for i, (x, y) in enumerate(zip(a, b, strict=True)) for key in _diff(x, y, f"{prefix}{i}.")]
     return [] if a == b else [prefix.rstrip(".")]
 
 

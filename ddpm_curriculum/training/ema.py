@@ -29,7 +29,7 @@ class EMA:
         params = [p.detach() for p in model.parameters()]
         # lerp_(end, w) computes self + w·(end − self) = decay·self + (1 − decay)·end.
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+        for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
             b_ema.copy_(b)
 
     def state_dict(self) -> dict:
