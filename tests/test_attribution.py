@@ -12,11 +12,7 @@ from ddpm_curriculum.experiments.attribution import Probe, ablation, gradient_ac
 from ddpm_curriculum.models import DecoderSparseUNet, SparseUNet
 from ddpm_curriculum.training import CurriculumTrainer
 
-from .test_cs_cr_training import cs_cfg
-from .test_models import randomize
-from .test_sparsity import KW
-from .test_generate import script
-from .test_training import CPU
+from .helpers import CPU, KW, cs_cfg, randomize, run_script as script
 
 
 def small_probe(ts=(40, 10)):

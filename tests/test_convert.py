@@ -13,7 +13,7 @@ from ddpm_curriculum.models.convert import (diffusers_key, from_diffusers_state,
                                             infer_unet_kwargs, read_safetensors, to_diffusers_state,
                                             unet_kwargs_from_diffusers)
 from ddpm_curriculum.training.checkpoint import load_network
-from tests.test_models import CIFAR10, inputs, randomize
+from .helpers import CIFAR10, inputs, randomize
 
 diffusers = pytest.importorskip("diffusers")
 

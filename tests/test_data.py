@@ -10,9 +10,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from ddpm_curriculum.data import build_dataset, dataset_image_shape
-from ddpm_curriculum.data.images import CELEBA_CROP
 from ddpm_curriculum.data.twoscale import TwoScaleDataset
 from ddpm_curriculum.errors import UserError
+
+from .helpers import make_fake_celeba
 
 
 @pytest.fixture(scope="module")
@@ -140,20 +141,6 @@ def test_dataset_roots_from_env_and_dotenv(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------- CelebA
-
-
-def make_fake_celeba(root, n=3, partition=True):
-    folder = root / "img_align_celeba"
-    folder.mkdir(parents=True)
-    top, left, h, w = CELEBA_CROP
-    for i in range(n):
-        img = np.zeros((218, 178, 3), dtype=np.uint8)
-        img[:, :] = (255, 0, 0)  # outside the crop: red
-        img[top:top + h, left:left + w] = (0, 40 * i, 255)  # inside: blue-ish
-        Image.fromarray(img).save(folder / f"{i + 1:06d}.jpg", quality=95)
-    if partition:
-        (root / "list_eval_partition.txt").write_text("".join(f"{i + 1:06d}.jpg {0 if i < n - 1 else 2}\n"
-                                                              for i in range(n)))
 
 
 @pytest.mark.parametrize("name, size", [("celeba32", 32), ("celeba64", 64)])

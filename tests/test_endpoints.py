@@ -11,7 +11,7 @@ from ddpm_curriculum.experiments import run_grid
 from ddpm_curriculum.experiments.endpoints import (drawn_per_t_bin, exposure, first_crossing, holm_adjust,
                                                    mean_over_training, paired_contrasts)
 
-from .test_experiments import write_grid
+from .helpers import write_grid
 
 
 def test_first_crossing_interpolates_starts_at_zero_and_censors():
@@ -85,6 +85,7 @@ def test_exposure_counts_from_metrics_with_resumed_duplicates(tmp_path):
     assert drawn_per_t_bin(tmp_path / "none.jsonl", 4) is None
 
 
+@pytest.mark.slow
 def test_grid_with_contrasts_reports_endpoints_and_exposure(tmp_path):
     grid_path = write_grid(tmp_path, contrasts=[["C", "baseline"]],
                            endpoints={"t50_metric": "major_coverage", "t50_threshold": 0.01,
@@ -125,7 +126,7 @@ def test_the_study_grid_is_pre_registered_with_a_budget_every_main_arm_can_cross
     from ddpm_curriculum.experiments import expand_runs, load_grid
     from ddpm_curriculum.experiments.runner import steps_per_epoch
 
-    from .test_training import ROOT
+    from .helpers import ROOT
 
     grid = load_grid(ROOT / "configs/experiments/twoscale_study.json")
     assert grid.contrasts == [["C", "baseline"], ["C", "matched"], ["CS", "C"], ["CS", "CS_random"],

@@ -14,7 +14,7 @@ from ddpm_curriculum.pruning.maskpro import (MaskProLayer, MaskProUpdate, _grad_
                                              gumbel_top_n, log_prob_grad, maskpro_layers, plackett_luce_log_prob,
                                              unwrap, wrap_model_with_maskpro)
 from ddpm_curriculum.pruning.nm import nm_mask, nm_ungroup, positions_to_groups
-from tests.test_models import randomize, tiny
+from .helpers import randomize, tiny
 
 
 def explicit_log_prob(z: torch.Tensor, chosen) -> torch.Tensor:

@@ -22,38 +22,7 @@ from ddpm_curriculum.models.convert import to_diffusers_state
 from ddpm_curriculum.models.unet import (ZERO_INIT_SCALE, AttentionBlock, MiddleBlock, ResAttnBlock,
                                          ResidualBlock, SamePad2d, tf_same_pad)
 
-CIFAR10 = dict(in_channels=3, hid_channels=128, ch_multipliers=(1, 2, 2, 2), num_res_blocks=2,
-               apply_attn=(False, True, False, False), drop_rate=0.1)
-
-
-def tiny(**kw) -> UNet:
-    cfg = dict(hid_channels=32, ch_multipliers=(1, 2), num_res_blocks=2, apply_attn=(False, True))
-    cfg.update(kw)
-    return UNet(**cfg)
-
-
-@torch.no_grad()
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every parameter a generic non-zero value (unit-scale weights, non-zero biases and norm affines).
-
-    The real init zeroes (≈1e-10 scale) the last conv of each block and the output conv, which makes the
-    network almost constant; equivalence tests on such a model would prove little.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.ndim > 1:
-            fan_in = p[0].numel()
-            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
-        elif "norm" in name and name.endswith("weight") or name == "out_conv.0.weight":
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-        else:
-            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    return model
-
-
-def inputs(batch=2, size=16, channels=3, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, channels, size, size, generator=gen), torch.randint(0, 1000, (batch,), generator=gen)
+from .helpers import CIFAR10, inputs, randomize, tiny
 
 
 # ---------------------------------------------------------------------------------------------- shapes

@@ -19,8 +19,7 @@ from ddpm_curriculum.pruning.nm import (export_compact, import_compact, nm_compl
 from ddpm_curriculum.pruning.semistructured import (Conv1x1AsLinear, semi_structured_eligible,
                                                     to_semi_structured)
 from ddpm_curriculum.training.checkpoint import load_checkpoint, load_network
-from tests.test_models import randomize, tiny
-from tests.test_training import ROOT, run, tiny_cfg
+from .helpers import ROOT, randomize, run, tiny, tiny_cfg
 
 
 def brute_groups(w: torch.Tensor, m: int, order: str) -> list[list[float]]:
@@ -187,6 +186,7 @@ def trained(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_prune_script_nm_then_extract(trained, tmp_path):
     res = prune_script("--method", "nm", "--model_path", str(trained), "--save-path", str(tmp_path / "nm"),
                        "--eval-samples", "8", "--preview-samples", "4", "--sample-steps", "2")
@@ -215,6 +215,7 @@ def test_prune_script_nm_then_extract(trained, tmp_path):
     assert load_checkpoint(tmp_path / "ex" / "pruned.pt")["pruning"]["method"] == "extract"
 
 
+@pytest.mark.slow
 def test_prune_script_magnitude_on_a_ddpm_torch_file(trained, tmp_path):
     state = load_checkpoint(trained)
     torch.save({"model": {f"module.{k}": v for k, v in state["model"].items()},
@@ -230,12 +231,14 @@ def test_prune_script_magnitude_on_a_ddpm_torch_file(trained, tmp_path):
     assert stats["skipped"]["middle.0.fc"] == "protected"
 
 
+@pytest.mark.slow
 def test_prune_script_bad_input_is_one_line_exit_2():
     res = prune_script("--model_path", "nowhere", "--save_path", "x")
     assert res.returncode == 2 and "checkpoint not found" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, fragment", [
     (["--method", "nm", "--pruner", "random"], "conflicts with"),
     (["--method", "nm", "--n", "4", "--m", "4"], "N:M = 4:4"),

@@ -18,12 +18,7 @@ from ddpm_curriculum.sparsity.channel_mask import select_channels
 from ddpm_curriculum.sparsity.group_l1 import (conv_groups, group_l1, norm_scale_groups, prox_group_l1_,
                                                structured_sparsity)
 from ddpm_curriculum.sparsity.schedules import active_channels, stage_values
-from tests.test_models import randomize
-
-# hid 32 with multipliers (1, 2): a 64-channel bottleneck; attention at the deepest level makes the first up
-# block a ResAttnBlock, the harder case for finding the consumer.
-KW = dict(in_channels=3, hid_channels=32, ch_multipliers=(1, 2), num_res_blocks=1, apply_attn=(False, True),
-          norm_groups=16)
+from .helpers import KW, randomize
 
 
 # ------------------------------------------------------------------------------------------ schedules
