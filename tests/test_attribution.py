@@ -21,6 +21,7 @@ def small_probe(ts=(40, 10)):
     return Probe(dataset, diffusion, ts, n=6, seed=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", [SparseUNet, DecoderSparseUNet])
 def test_gradient_activation_matches_central_differences(cls):
     torch.manual_seed(0)
@@ -47,6 +48,7 @@ def test_gradient_activation_matches_central_differences(cls):
     assert torch.equal(model.channel_mask, torch.ones_like(model.channel_mask))  # gates restored
 
 
+@pytest.mark.slow
 def test_ablation_drops_are_direct_maskings_and_restore_the_gates():
     torch.manual_seed(0)
     model = randomize(DecoderSparseUNet(**KW), 0).eval()

@@ -20,6 +20,7 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("pytorch_fid")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["quickstart.json", "cifar10_c.json"])
 def test_diffusers_config_has_our_layout(config):
     from ddpm_curriculum.config import load_config
@@ -102,6 +103,7 @@ def test_peak_memory_in_child_processes_and_bad_part(tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_bf16_and_compile_candidates_and_their_summary(tmp_path, monkeypatch):
     from ddpm_curriculum.training import trainer
 
@@ -126,6 +128,7 @@ def test_bf16_and_compile_candidates_and_their_summary(tmp_path, monkeypatch):
     assert "2.00x ours fp32" in table and "compile 60 s" in table and ">= 2.5x" in table
 
 
+@pytest.mark.slow
 def test_bf16_train_step_runs_under_cpu_autocast():
     from ddpm_curriculum.bench import train
 

@@ -33,6 +33,7 @@ def test_state_dict_keys_equal_pytorch_fid(weights):
     assert sum(not k.endswith("num_batches_tracked") for k in ours) == 472
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(33, 21), (17, 299)])
 def test_features_equal_pytorch_fid_for_odd_sizes(weights, reference, size):
     x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(sum(size)))
@@ -46,6 +47,7 @@ def test_features_equal_pytorch_fid_for_odd_sizes(weights, reference, size):
         torch.testing.assert_close(ours[dim], ref, rtol=1e-5, atol=1e-6, msg=f"{dim}-d features differ")
 
 
+@pytest.mark.slow
 def test_loaded_model_matches_and_fills_missing_batch_counters(tmp_path, weights, reference):
     # the published file has no num_batches_tracked entries; loading must still be strict and succeed
     path = tmp_path / inc.FID_WEIGHTS_NAME

@@ -84,6 +84,7 @@ def test_gumbel_top_n_samples_the_plackett_luce_set_distribution(n):
 # ------------------------------------------------------------------------------------ layer surgery
 
 
+@pytest.mark.slow
 def test_wrap_unwrap_match_the_masked_dense_model_and_comply():
     model = randomize(tiny(hid_channels=32, num_res_blocks=1), seed=4).eval()
     reference = randomize(tiny(hid_channels=32, num_res_blocks=1), seed=4).eval()
@@ -146,6 +147,7 @@ def _toy(seed=0, rows=2):
     return nn.Sequential(layer), best, (layer.weight * best).detach()
 
 
+@pytest.mark.slow
 def test_maskpro_finds_the_best_mask_from_the_wrong_one():
     net, best, w_best = _toy()
     layers = wrap_model_with_maskpro(net, 2, 4, initial_masks={"0": ~best}, logits_magnitude=3.0, protect=())
@@ -160,6 +162,7 @@ def test_maskpro_finds_the_best_mask_from_the_wrong_one():
     assert update.changed_fraction() == 1.0  # every group moved away from the (wrong) initial mask
 
 
+@pytest.mark.slow
 def test_paired_baseline_has_far_lower_variance_than_unpaired():
     """Var of r over minibatches for one fixed sampled mask: paired (same x0, t, ε) vs unpaired."""
     model = randomize(tiny(hid_channels=32, num_res_blocks=1), seed=1).eval()

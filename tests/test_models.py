@@ -28,6 +28,7 @@ from .helpers import CIFAR10, inputs, randomize, tiny
 # ---------------------------------------------------------------------------------------------- shapes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [16, 32])
 @pytest.mark.parametrize("attn", [(False, True), (False, False)])
 @pytest.mark.parametrize("with_conv", [True, False])
@@ -40,6 +41,7 @@ def test_output_shape(size, attn, with_conv):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_out_channels_and_scalar_t():
     model = tiny(in_channels=1, out_channels=2, num_res_blocks=1).eval()
     x, _ = inputs(channels=1, size=8)
@@ -59,6 +61,7 @@ def test_indivisible_size_is_rejected():
 # ------------------------------------------------------------------------------------ gradients, state
 
 
+@pytest.mark.slow
 def test_gradients_reach_every_parameter():
     # hid 64: GroupNorm(32) then has 2 channels per group. With 1 channel per group, norm2 would cancel
     # the per-channel time-embedding shift exactly and fc would (correctly) get a zero gradient.
@@ -72,6 +75,7 @@ def test_gradients_reach_every_parameter():
         assert p.grad.abs().max() > 1e-6, f"{name} gets no gradient"
 
 
+@pytest.mark.slow
 def test_time_embedding_changes_output():
     model = randomize(tiny(hid_channels=64, num_res_blocks=1)).eval()
     x, _ = inputs(batch=1, size=8)
@@ -80,6 +84,7 @@ def test_time_embedding_changes_output():
     assert (a - b).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_state_dict_round_trip():
     src = randomize(tiny(drop_rate=0.1), seed=3).eval()
     torch.manual_seed(123)
@@ -281,6 +286,7 @@ def test_attention_matches_explicit_formula(channels_last):
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_channels_last_matches_nchw():
     model = randomize(tiny(hid_channels=32), seed=7).eval()
     model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
@@ -305,6 +311,7 @@ def test_zero_init_model_is_near_constant_in_x():
 # ----------------------------------------------------------------------------- diffusers cross-check
 
 
+@pytest.mark.slow
 def test_matches_diffusers_unet2d_with_same_layout():
     diffusers = pytest.importorskip("diffusers")
     ours = randomize(tiny(hid_channels=32, num_res_blocks=2), seed=11).eval()

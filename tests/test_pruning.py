@@ -95,6 +95,7 @@ def test_magnitude_masks_per_layer_and_global_match_sorting():
         magnitude_masks(layers, 1.0)
 
 
+@pytest.mark.slow
 def test_selection_protects_the_seed_layers_and_masks_round_trip(tmp_path):
     model = tiny(hid_channels=32, num_res_blocks=1)
     chosen, skipped = select_layers(model)

@@ -98,6 +98,7 @@ def diffusion():
     return GaussianDiffusion(make_betas("linear", 100, 1e-4, 0.02))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", [SparseUNet, DecoderSparseUNet])
 def test_dense_gated_unet_is_the_unet(cls):
     torch.manual_seed(0)
@@ -132,6 +133,7 @@ def check_reserved_entries(model, count: int) -> None:
         assert not torch.allclose(model(x_t, t), before)
 
 
+@pytest.mark.slow
 def test_reserved_entries_get_zero_gradient_and_do_not_affect_the_output():
     check_reserved_entries(sparse(), 6)
 
@@ -153,6 +155,7 @@ def test_without_the_consumer_gate_groupnorm_would_leak_into_conv1():
     assert seen["conv1_in"][:, c:].abs().sum() > 0  # the concatenated skip is not gated
 
 
+@pytest.mark.slow
 def test_gate_probe_equals_per_sample_autograd_of_the_tied_gate():
     model = sparse().eval()  # eval: no dropout, so per-sample forwards equal the batched one
     x0, t, noise = batch(n=5)
@@ -253,11 +256,13 @@ def test_decoder_gates_one_segment_per_up_block():
                                                                           for b in model.gated_blocks)
 
 
+@pytest.mark.slow
 def test_decoder_reserved_entries_get_zero_gradient_and_do_not_affect_the_output():
     model = decoder()
     check_reserved_entries(model, 4 * len(model.gated_blocks))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["masked", "active"])
 def test_decoder_gates_cut_the_skip_path_too(which):
     """Noise added to the masked inputs of every up block (encoder skips and the up path alike), before the
@@ -283,6 +288,7 @@ def test_decoder_gates_cut_the_skip_path_too(which):
     assert torch.equal(after, before) == (which == "masked")
 
 
+@pytest.mark.slow
 def test_decoder_gate_probe_equals_per_sample_autograd_of_the_tied_gates():
     model = decoder().train()
     model.drop_rate = 0.0
