@@ -23,6 +23,7 @@ def reference(weights):
         return pytorch_fid_inception.InceptionV3(output_blocks=[0, 1, 2, 3]).eval()
 
 
+@pytest.mark.slow
 def test_state_dict_keys_equal_pytorch_fid(weights):
     with mock.patch.object(pytorch_fid_inception, "load_state_dict_from_url", return_value=weights):
         theirs = pytorch_fid_inception.fid_inception_v3().state_dict()

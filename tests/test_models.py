@@ -114,6 +114,7 @@ def _xavier_bound(w: torch.Tensor, scale: float) -> float:
     return math.sqrt(6 * scale / (fan_in + fan_out))
 
 
+@pytest.mark.slow
 def test_init_follows_tf_fan_avg_and_zero_init_layers():
     torch.manual_seed(0)
     sd = UNet(hid_channels=64, ch_multipliers=(1, 2), apply_attn=(False, True)).state_dict()
@@ -300,6 +301,7 @@ def test_channels_last_matches_nchw():
     assert ref.is_contiguous()
 
 
+@pytest.mark.slow
 def test_zero_init_model_is_near_constant_in_x():
     # With the real init the output conv is ~1e-5 scale: a fresh model predicts ≈0 everywhere.
     model = tiny().eval()

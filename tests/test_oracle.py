@@ -136,6 +136,7 @@ def test_major_only_has_no_excess(ds):
     assert abs(m["minor_amplitude_excess"]) < 0.005
 
 
+@pytest.mark.slow
 def test_correct_minor_has_full_excess_and_a_decoy_minor_has_none(ds, real):
     m = twoscale_oracle_metrics(real, ds)
     assert m["minor_present"] > 0.99 and m["minor_coef_median"] == pytest.approx(1, abs=0.01)

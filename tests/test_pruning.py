@@ -132,6 +132,7 @@ def test_sparsity_summary_counts():
     assert s["totals"]["params"] == 18 and s["totals"]["nonzeros"] == 8  # zero bias, masked weight
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n, m, order", [(2, 4, "asp"), (4, 8, "im2col"), (1, 4, "asp")])
 def test_compact_export_round_trip(n, m, order):
     model = randomize(tiny(hid_channels=32, num_res_blocks=1), seed=5)

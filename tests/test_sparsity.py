@@ -138,6 +138,7 @@ def test_reserved_entries_get_zero_gradient_and_do_not_affect_the_output():
     check_reserved_entries(sparse(), 6)
 
 
+@pytest.mark.slow
 def test_without_the_consumer_gate_groupnorm_would_leak_into_conv1():
     """Why the second gate exists: a zero channel leaves norm1 as β_c − γ_c·μ_g/σ_g ≠ 0."""
     model = sparse()
