@@ -1,9 +1,8 @@
 """FID, precision/recall, density/coverage, oracle metrics, classifier-feature FD/KID and power spectrum of
-generated images; bits/dim of a checkpoint. See README.md
-("Generating and evaluating") and `python eval.py --help`."""
+generated images; bits/dim of a checkpoint. See README.md ("Generating and evaluating") and
+`python eval.py --help`. The same as ``python -m ddpm_curriculum.evaluate`` / ``ddpm-evaluate``."""
 
-from ddpm_curriculum.errors import run_cli
-from ddpm_curriculum.evaluation.cli import main
+from ddpm_curriculum.evaluate import run
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(run())

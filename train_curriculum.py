@@ -1,10 +1,7 @@
-"""Train a DDPM (baseline or curriculum). See README.md and `python train_curriculum.py --help`."""
+"""Train a DDPM (baseline or curriculum). See README.md and `python train_curriculum.py --help`.
+The same as ``python -m ddpm_curriculum.train`` / ``ddpm-train``."""
 
-from ddpm_curriculum.errors import interrupt_on_signals, run_cli
-
-interrupt_on_signals()  # before the heavy imports: a stop signal at any moment gets the one-line message
-
-from ddpm_curriculum.training.cli import main
+from ddpm_curriculum.train import run
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(run())

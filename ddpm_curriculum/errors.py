@@ -15,8 +15,9 @@ import contextlib
 import signal
 
 
-class UserError(Exception):
-    """Bad input the user can fix; printed as one line, exit code 2."""
+class UserError(ValueError):
+    """Bad input the user can fix; printed as one line, exit code 2. A ValueError (bad values are what it
+    reports), so callers of the library may catch it as one."""
 
     exit_code = 2
 

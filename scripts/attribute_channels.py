@@ -1,7 +1,8 @@
 """Which channels carry the fine twoscale features? Ablation and gradient × activation per channel group.
 
     python scripts/attribute_channels.py runs/experiments/twoscale_study/CS/seed0
-    python scripts/attribute_channels.py runs/experiments/twoscale_study/baseline/seed0 --like runs/experiments/twoscale_study/CS/seed0
+    python scripts/attribute_channels.py runs/experiments/twoscale_study/baseline/seed0 \
+        --like runs/experiments/twoscale_study/CS/seed0
 
 See ddpm_curriculum/experiments/attribution.py for what is measured.
 """

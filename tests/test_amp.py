@@ -8,7 +8,7 @@ from ddpm_curriculum.errors import UserError
 from ddpm_curriculum.training import CurriculumTrainer, trainer as trainer_module
 from ddpm_curriculum.training.checkpoint import load_network
 
-from .test_training import CPU, run, tiny_cfg
+from .helpers import CPU, run, tiny_cfg
 
 needs_bf16 = pytest.mark.skipif(not trainer_module.cpu_bf16_supported(), reason="this CPU has no native bf16")
 
@@ -17,6 +17,7 @@ def _images(trainer: CurriculumTrainer) -> torch.Tensor:
     return torch.stack([trainer.dataset[i][0] for i in range(trainer.cfg.train.batch_size)])
 
 
+@pytest.mark.slow
 @needs_bf16
 def test_bf16_step_on_cpu_keeps_fp32_state_and_a_loss_close_to_fp32(tmp_path):
     fp32 = CurriculumTrainer(tiny_cfg(), tmp_path / "fp32", CPU, progress=False)
@@ -44,6 +45,7 @@ def test_bf16_step_on_cpu_keeps_fp32_state_and_a_loss_close_to_fp32(tmp_path):
     assert {k: d for k, d in floats.items() if d != torch.float32} == {}
 
 
+@pytest.mark.slow
 def test_bf16_on_a_cpu_without_native_bf16_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "cpu_bf16_supported", lambda: False)
     with pytest.raises(UserError, match=r"'train.amp' = 'bf16' needs a CPU with native bf16.*set train.amp=none"):
@@ -58,16 +60,18 @@ def test_the_capability_check_needs_bf16_instructions_not_just_avx512():
     assert trainer_module.cpu_bf16_supported({"avx512_bf16"}) == onednn
 
 
+@pytest.mark.slow
 def test_fp16_on_cpu_is_refused_and_points_to_bf16(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "cpu_bf16_supported", lambda: True)
     with pytest.raises(UserError, match=r"'fp16' needs CUDA.*train.amp=bf16"):
         CurriculumTrainer(tiny_cfg("train.amp=fp16"), tmp_path, CPU, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_load_network_uses_the_configured_memory_format(tmp_path, channels_last):
-    run(tiny_cfg("train.steps=6", "eval.num_samples=0", "train.image_intv=0", f"model.channels_last={str(channels_last).lower()}"),
-        tmp_path)
+    run(tiny_cfg("train.steps=6", "eval.num_samples=0", "train.image_intv=0",
+                 f"model.channels_last={str(channels_last).lower()}"), tmp_path)
     convs = [m.weight for m in load_network(tmp_path).model.modules()
              if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]  # 1×1 weights are both layouts
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) == channels_last

@@ -19,11 +19,7 @@ from ddpm_curriculum.training.builders import make_model
 from ddpm_curriculum.training import CurriculumTrainer
 from ddpm_curriculum.training.checkpoint import latest_checkpoint, load_network
 
-from .test_cs_cr_training import cs_cfg
-from .test_models import randomize
-from .test_sparsity import KW
-from .test_generate import script
-from .test_training import CPU
+from .helpers import CPU, KW, cs_cfg, randomize, run_script as script
 
 
 def small_probe(ts=(40, 10)):
@@ -32,6 +28,7 @@ def small_probe(ts=(40, 10)):
     return Probe(dataset, diffusion, ts, n=6, seed=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", [SparseUNet, DecoderSparseUNet])
 def test_gradient_activation_matches_central_differences(cls):
     torch.manual_seed(0)
@@ -58,6 +55,7 @@ def test_gradient_activation_matches_central_differences(cls):
     assert torch.equal(model.channel_mask, torch.ones_like(model.channel_mask))  # gates restored
 
 
+@pytest.mark.slow
 def test_ablation_drops_are_direct_maskings_and_restore_the_gates():
     torch.manual_seed(0)
     model = randomize(DecoderSparseUNet(**KW), 0).eval()
@@ -124,7 +122,8 @@ def test_grid_attribution_runs_each_final_network_once_and_reports_it(runs, tmp_
                 "null_repeats": 2}
     for name, cfg in (("cs", cs_cfg()), ("c", cs_cfg("sparsity.enabled=false"))):
         (tmp_path / f"{name}.json").write_text(json.dumps(cfg.to_dict()))
-    arms = [{"name": "baseline", "config": str(tmp_path / "c.json")}, {"name": "CS", "config": str(tmp_path / "cs.json")}]
+    arms = [{"name": "baseline", "config": str(tmp_path / "c.json")},
+            {"name": "CS", "config": str(tmp_path / "cs.json")}]
     (tmp_path / "g.json").write_text(json.dumps({"arms": arms, "attribution": settings}))
     grid = load_grid(tmp_path / "g.json")
     got = attribute_grid(grid, out, records, log=lambda *_: None)
@@ -136,12 +135,13 @@ def test_grid_attribution_runs_each_final_network_once_and_reports_it(runs, tmp_
     assert attribute_grid(grid, out, records, log=lambda *_: pytest.fail("attributed twice")) == got
     text = "\n".join(attribution_lines(got))
     late = got[0]["result"]["ablation"]["50"]["late"]["minor_drop"]
-    assert f"| 50 | CS | 1 | " in text and f"| {late:.4g} |" in text
+    assert "| 50 | CS | 1 | " in text and f"| {late:.4g} |" in text
     assert "baseline (null: random groups of CS's sizes)" in text
     (tmp_path / "bad.json").write_text(json.dumps({"arms": [{"name": "CS"}], "attribution": {"nulls": [["CS", "x"]]}}))
     with pytest.raises(UserError, match="attribution null"):
         load_grid(tmp_path / "bad.json")
-    (tmp_path / "g2.json").write_text(json.dumps({"arms": arms, "attribution": {**settings, "nulls": [["CS", "baseline"]]}}))
+    swapped = {**settings, "nulls": [["CS", "baseline"]]}
+    (tmp_path / "g2.json").write_text(json.dumps({"arms": arms, "attribution": swapped}))
     with pytest.raises(UserError, match="baseline is not a mode-CS arm"):
         attribute_grid(load_grid(tmp_path / "g2.json"), out, records, log=lambda *_: None)
 

@@ -18,8 +18,7 @@ from ddpm_curriculum.errors import UserError, run_cli
 from ddpm_curriculum.sampling import SamplerSpec, generate_to_folder, sample_name
 from ddpm_curriculum.training.checkpoint import load_network
 
-from .test_generate import tiny_run  # noqa: F401  (the package-scoped tiny model)
-from .test_training import ROOT, TINY
+from .helpers import ROOT, TINY
 
 CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
@@ -85,6 +84,7 @@ def test_crafted_cifar_batch_does_not_run_code(tmp_path, payload):
     assert "\n" not in str(err.value) and "which a CIFAR-10 batch never holds" in str(err.value)
 
 
+@pytest.mark.slow
 def test_crafted_cifar_batch_through_the_script(tmp_path, capsys):
     marker = tmp_path / "pwned"
     folder = tmp_path / "cifar-10-batches-py"
@@ -190,12 +190,14 @@ def run_main(name, argv, capsys):
     return code, err
 
 
+@pytest.mark.slow
 def test_bad_configs_and_flags_are_one_line(tmp_path, capsys):
     for name, argv, fragment in _cases(tmp_path):
         code, err = run_main(name, argv, capsys)
         assert code == 2 and err.count("\n") == 1 and fragment in err, (argv[-1][:60], err)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device,fragment", DEVICES)
 def test_unknown_devices_in_every_script(tiny_run, tmp_path, capsys, device, fragment):  # noqa: F811
     import torch
@@ -217,6 +219,7 @@ def test_unknown_devices_in_every_script(tiny_run, tmp_path, capsys, device, fra
         parse_args(["--device", device])
 
 
+@pytest.mark.slow
 def test_generate_flags(tiny_run, tmp_path, capsys):  # noqa: F811
     base = ["--chkpt-path", str(tiny_run), "--device", "cpu", "--no-progress", "--grid", "0",
             "--use-ddim", "--ddim-steps", "2"]
@@ -232,6 +235,7 @@ def test_generate_flags(tiny_run, tmp_path, capsys):  # noqa: F811
         assert code == 2 and err.count("\n") == 1 and fragment in err, (extra, err)
 
 
+@pytest.mark.slow
 def test_representative_bad_inputs_through_the_real_scripts(tmp_path):
     (tmp_path / "dup.json").write_text('{"train": {"steps": 3}, "train": {"steps": 4}}')
     assert_one_line(script("train_curriculum.py", "--config-path", str(tmp_path / "dup.json"), "--dry-run",
@@ -241,6 +245,7 @@ def test_representative_bad_inputs_through_the_real_scripts(tmp_path):
                            "--device", "mps"), "--device 'mps'")
 
 
+@pytest.mark.slow
 def test_out_of_memory_is_one_line(tmp_path):
     tiny = write_json(tmp_path / "tiny.json", TINY)
     res = script("train_curriculum.py", "--config-path", str(tiny), "--run-dir", str(tmp_path / "r"), "--device",
@@ -251,6 +256,7 @@ def test_out_of_memory_is_one_line(tmp_path):
 # ------------------------------------------------------------------------------- DataLoader workers
 
 
+@pytest.mark.slow
 def test_corrupt_image_in_a_dataloader_worker_is_one_line(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -275,6 +281,7 @@ def _gen(tiny_run, save_dir, *extra):  # noqa: F811
                   "--use-ddim", "--ddim-steps", "2", "--num-samples", "3", "--save-dir", str(save_dir), *extra)
 
 
+@pytest.mark.slow
 def test_generate_save_dir_problems(tiny_run, tmp_path, capsys):  # noqa: F811
     (tmp_path / "afile").write_text("x")
     base = ["--chkpt-path", str(tiny_run), "--device", "cpu", "--no-progress", "--grid", "0", "--use-ddim",
@@ -297,6 +304,7 @@ def _files(folder):
     return {p.name: p.read_bytes() for p in folder.glob("*.png")}
 
 
+@pytest.mark.slow
 def test_replaced_png_is_regenerated_from_its_digest(tiny_run, tmp_path):  # noqa: F811
     net = load_network(tiny_run)
     spec = SamplerSpec(use_ddim=True, steps=3)
@@ -315,6 +323,7 @@ def test_replaced_png_is_regenerated_from_its_digest(tiny_run, tmp_path):  # noq
     assert _files(folder) == fresh
 
 
+@pytest.mark.slow
 def test_old_manifest_without_digests_is_kept_and_upgraded(tiny_run, tmp_path):  # noqa: F811
     net = load_network(tiny_run)
     spec = SamplerSpec(use_ddim=True, steps=3)
@@ -330,6 +339,7 @@ def test_old_manifest_without_digests_is_kept_and_upgraded(tiny_run, tmp_path): 
     assert json.loads(path.read_text())["sha256"] == manifest["sha256"]  # recorded again, identical
 
 
+@pytest.mark.slow
 def test_digests_journalled_by_a_killed_run_are_used(tiny_run, tmp_path):  # noqa: F811
     net = load_network(tiny_run)
     spec = SamplerSpec(use_ddim=True, steps=3)
@@ -348,6 +358,7 @@ def test_digests_journalled_by_a_killed_run_are_used(tiny_run, tmp_path):  # noq
     assert not list(tmp_path.glob("*.jsonl"))
 
 
+@pytest.mark.slow
 def test_jsonl_logs_skip_a_torn_last_line_only(tiny_run, tmp_path):  # noqa: F811
     from ddpm_curriculum.config import read_jsonl
     from ddpm_curriculum.training.plots import plot_run

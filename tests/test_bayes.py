@@ -65,6 +65,7 @@ def test_posterior_mean_matches_dense_enumeration(tiny, diffusion, kind, t):
     np.testing.assert_allclose(model.x0_hat(x_t, t).flatten(1).numpy(), want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_bayes_matches_importance_sampling_from_the_prior(tiny, diffusion):
     """Monte Carlo: draw x0 from the data generator itself, weight by N(x_t; √ᾱ x0, (1−ᾱ)I)."""
     t = 300
@@ -94,6 +95,7 @@ def test_module_output_follows_the_prediction_type(tiny, prediction_type):
     torch.testing.assert_close(diff.predict_x0(x_t.double(), t, out.double()), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_tki_is_one_for_bayes_zero_for_spectral_and_finite_for_zero_eps(ds, diffusion):
     ts = (100, 400)
     one = template_knowledge_index(bayes_denoiser(ds, diffusion), diffusion, ds, ts=ts, n=32)
@@ -114,6 +116,7 @@ def test_tki_is_one_for_bayes_zero_for_spectral_and_finite_for_zero_eps(ds, diff
     assert untrained[400]["tki_mse"] < -1
 
 
+@pytest.mark.slow
 def test_ceiling_through_the_sampler_matches_the_quantised_data(ds, diffusion):
     """The Bayes denoiser through DDIM + clip + to_uint8 scores what the data scores after quantisation
     (≈ 0.87/0.90 amplitude, not 1), with every minor feature present and no excess lost to the floor."""
@@ -125,6 +128,7 @@ def test_ceiling_through_the_sampler_matches_the_quantised_data(ds, diffusion):
     assert data["minor_amplitude"] < 0.95 and ceiling["minor_floor"] < 0.05
 
 
+@pytest.mark.slow
 def test_windows_are_ordered_and_match_the_bayes_posterior(ds, diffusion):
     w = feature_windows(ds, diffusion.alphas_bar)
     major, minor = w["major"], w["minor"]

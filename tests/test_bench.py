@@ -14,12 +14,13 @@ from ddpm_curriculum.bench.cli import PARTS, bf16_available
 from ddpm_curriculum.models.convert import diffusers_unet_config, to_diffusers_state, unet_kwargs_from_diffusers
 from ddpm_curriculum.training import builders
 
-from .test_training import ROOT, TINY, tiny_cfg
+from .helpers import ROOT, TINY, tiny_cfg
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("pytorch_fid")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["quickstart.json", "cifar10_c.json"])
 def test_diffusers_config_has_our_layout(config):
     from ddpm_curriculum.config import load_config
@@ -59,6 +60,7 @@ def bench(tmp_path, *args, script="bench.py"):
     return res.stdout, json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_every_part_runs_and_races_like_against_like(tmp_path):
     table, r = bench(tmp_path, "--no-memory")
     assert set(PARTS) <= set(r)
@@ -84,6 +86,7 @@ def test_every_part_runs_and_races_like_against_like(tmp_path):
         assert name in table
 
 
+@pytest.mark.slow
 def test_peak_memory_in_child_processes_and_bad_part(tmp_path):
     _, r = bench(tmp_path, "--parts", "peaks,fid", script="bench_eval.py")  # the per-area names take every option
     for part, names in (("peaks", {"matmul", "conv_channels_last"}), ("fid", {"ours", "pytorch_fid"})):
@@ -100,6 +103,7 @@ def test_peak_memory_in_child_processes_and_bad_part(tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_bf16_and_compile_candidates_and_their_summary(tmp_path, monkeypatch):
     from ddpm_curriculum.training import trainer
 
@@ -124,6 +128,7 @@ def test_bf16_and_compile_candidates_and_their_summary(tmp_path, monkeypatch):
     assert "2.00x ours fp32" in table and "compile 60 s" in table and ">= 2.5x" in table
 
 
+@pytest.mark.slow
 def test_bf16_train_step_runs_under_cpu_autocast():
     from ddpm_curriculum.bench import train
 

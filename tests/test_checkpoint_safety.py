@@ -23,8 +23,7 @@ from ddpm_curriculum.training.checkpoint import (LATEST, checkpoint_name, latest
                                                  save_checkpoint)
 from ddpm_curriculum.training.runlock import LOCK_NAME, RunLock
 
-from .test_generate import script
-from .test_training import ROOT, TINY
+from .helpers import ROOT, TINY, run_script as script
 
 # ------------------------------------------------------------------------------- the atomic writer
 
@@ -167,10 +166,12 @@ def _copy(run_dir, tmp_path):
     return tmp_path / "run"
 
 
+@pytest.mark.slow
 def test_a_finished_run_leaves_no_lock(trained):
     assert _steps(trained / "checkpoints") == [1, 2, 3, 4, 5, 6] and not (trained / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_resume_with_fewer_kept_checkpoints_keeps_the_new_one(trained, tmp_path):
     run_dir = _copy(trained, tmp_path)
     ck = run_dir / "checkpoints"
@@ -188,6 +189,7 @@ def test_resume_with_fewer_kept_checkpoints_keeps_the_new_one(trained, tmp_path)
 # ------------------------------------------------------------------------------------------- the lock
 
 
+@pytest.mark.slow
 def test_a_live_lock_refuses_a_second_training_and_a_resume(trained, tmp_path):
     run_dir = _copy(trained, tmp_path)
     temp = run_dir / "checkpoints" / ".ckpt_00000005.pt.tmp1"  # could be the live writer's
@@ -209,6 +211,7 @@ def test_a_live_lock_refuses_a_second_training_and_a_resume(trained, tmp_path):
     assert not (run_dir / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_a_new_run_into_a_locked_fresh_directory_is_refused(tmp_path):
     (tmp_path / "tiny.json").write_text(json.dumps(CFG))
     lock = RunLock(tmp_path / "run")
@@ -227,6 +230,7 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+@pytest.mark.slow
 def test_a_stale_lock_is_taken_over_with_a_note(tmp_path):
     path = tmp_path / LOCK_NAME
     path.write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "started": "yesterday"}))
@@ -399,6 +403,7 @@ def _entry_points(path, out):
                       "ddpm_curriculum.pruning.cli")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(set(NETWORK_CASES) | set(RESUME_CASES)))
 def test_damaged_checkpoints_are_one_line_in_every_entry_point(damaged, tmp_path, capsys, case):
     """In-process through each script's main (fast): train --resume, generate.py, prune.py."""
@@ -420,6 +425,7 @@ SCRIPT_CASES = [("train_curriculum.py", "step a string"), ("train_curriculum.py"
                 ("prune.py", "truncated file"), ("prune.py", "not a dict")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script_name, case", SCRIPT_CASES)
 def test_damaged_checkpoints_through_the_scripts(damaged, tmp_path, script_name, case):
     path, fragment = damaged[case]

@@ -24,7 +24,7 @@ from ddpm_curriculum.training import CurriculumTrainer
 from ddpm_curriculum.training.checkpoint import load_checkpoint
 from ddpm_curriculum.training.early_stop import EarlyStop
 from ddpm_curriculum.training.ema import EMA
-from tests.test_training import TINY, assert_same_state, run, tiny_cfg
+from .helpers import TINY, assert_same_state, run, tiny_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -328,7 +328,7 @@ def test_generate_refuses_class_flags_for_unconditional_networks(tmp_path):
 
 def _folder(root: Path, classes=("cat", "dog", "ant"), per_class=(3, 2, 4), size=(10, 12)):
     rng = np.random.default_rng(0)
-    for name, n in zip(classes, per_class):
+    for name, n in zip(classes, per_class, strict=True):
         for i in range(n):
             sub = root / name / ("deep" if i == 0 else "")
             sub.mkdir(parents=True, exist_ok=True)
@@ -346,7 +346,7 @@ def test_subfolder_labels_follow_torchvision_image_folder(tmp_path):
                        folder_split="train")
     ref = TV(str(root))
     assert ds.class_names == ref.classes == ["ant", "cat", "dog"]
-    assert [(str(f), y) for f, y in zip(ds.files, ds.labels)] == ref.samples
+    assert [(str(f), y) for f, y in zip(ds.files, ds.labels, strict=True)] == ref.samples
     assert [ds[i][1] for i in range(len(ds))] == ref.targets
     assert class_counts(ds) == {"ant": 4, "cat": 3, "dog": 2}
     test = build_dataset("image_folder", root=str(tmp_path / "data"), image_size=8, labels="subfolders",

@@ -13,7 +13,7 @@ from ddpm_curriculum.models.convert import (diffusers_key, from_diffusers_state,
                                             infer_unet_kwargs, read_safetensors, to_diffusers_state,
                                             unet_kwargs_from_diffusers)
 from ddpm_curriculum.training.checkpoint import load_network
-from tests.test_models import CIFAR10, inputs, randomize
+from .helpers import CIFAR10, inputs, randomize
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -46,6 +46,7 @@ def _assert_same_outputs(ours, theirs, size=32):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_diffusers_safetensors_folder_gives_the_same_outputs(small_unet2d, tmp_path):
     small_unet2d.save_pretrained(tmp_path / "unet")
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
@@ -57,6 +58,7 @@ def test_diffusers_safetensors_folder_gives_the_same_outputs(small_unet2d, tmp_p
     _assert_same_outputs(net.model, small_unet2d)
 
 
+@pytest.mark.slow
 def test_diffusers_bin_pipeline_folder_with_scheduler(small_unet2d, tmp_path):
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=500, beta_schedule="squaredcos_cap_v2",
                                         variance_type="fixed_large")
@@ -123,6 +125,7 @@ def _ddpm_torch_checkpoint(shadow_prefix=""):
                    "optimizer": {"state": {}, "param_groups": []}, "scheduler": {"last_epoch": 7}, "epoch": 3}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shadow_prefix", ["", "module."])
 def test_ddpm_torch_checkpoint_loads_ema_or_model(tmp_path, shadow_prefix):
     model, ckpt = _ddpm_torch_checkpoint(shadow_prefix)
@@ -134,6 +137,7 @@ def test_ddpm_torch_checkpoint_loads_ema_or_model(tmp_path, shadow_prefix):
         assert torch.equal(raw.model.state_dict()[k], v) and torch.equal(ema.model.state_dict()[k], v + 0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, eps, other", [([], 1e-6, 1e-5), (["model.norm_eps=1e-5"], 1e-5, 1e-6)])
 def test_ddpm_torch_import_uses_the_chosen_groupnorm_eps(tmp_path, overrides, eps, other):
     """Default 1e-6 (the released checkpoints); ``--set model.norm_eps=1e-5`` for pre-July-2023 ones. Every

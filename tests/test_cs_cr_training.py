@@ -15,18 +15,7 @@ from ddpm_curriculum.sparsity import channel_mask
 from ddpm_curriculum.sparsity.channel_mask import ChannelSparsity, select_channels
 from ddpm_curriculum.training import CurriculumTrainer
 from ddpm_curriculum.training.checkpoint import load_checkpoint, load_network
-from tests.test_training import CPU, assert_same_state, run, tiny_cfg
-
-THREE_STAGES = ('curriculum.stages=[{"t_min": 0.8, "t_max": 1.0, "steps": %d, "name": "high"}, '
-                '{"t_min": 0.4, "t_max": 1.0, "steps": %d, "name": "mid"}, '
-                '{"t_min": 0.0, "t_max": 1.0, "steps": 1, "name": "full"}]')
-
-
-def cs_cfg(*overrides, stage_steps=5, steps=14):
-    """TINY (64-channel bottleneck) in mode CS: 16 → 32 → 64 active channels over three stages."""
-    return tiny_cfg("eval.num_samples=0", "train.num_samples=0", f"train.steps={steps}",
-                    THREE_STAGES % (stage_steps, stage_steps), "sparsity.enabled=true", "sparsity.schedule=list",
-                    "sparsity.per_stage=[0.75, 0.5, 0.0]", *overrides)
+from .helpers import CPU, assert_same_state, cs_cfg, ddp_spawn, run, tiny_cfg
 
 
 def transitions(run_dir):
@@ -40,6 +29,7 @@ def ext_of(trainer, cls):
 # ------------------------------------------------------------------------------- reserved capacity
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer, wd", [("adamw", 0.1), ("adam", 0.0)])
 def test_reserved_entries_stay_bit_identical_while_masked(tmp_path, optimizer, wd):
     cfg = cs_cfg(f"train.optimizer={optimizer}", f"train.weight_decay={wd}", "model.drop_rate=0.0",
@@ -93,6 +83,7 @@ def record_accumulation(monkeypatch):
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["gate_gradient", "weight_gradient", "gradient"])
 def test_regrowth_picks_the_largest_accumulated_scores(tmp_path, monkeypatch, method):
     seen = record_accumulation(monkeypatch)
@@ -103,7 +94,7 @@ def test_regrowth_picks_the_largest_accumulated_scores(tmp_path, monkeypatch, me
     kind = "gate" if method == "gate_gradient" else "weight"
     mask = torch.zeros(64, dtype=torch.bool)
     mask[:16] = True
-    for rec, start in zip(recs[1:], (0, 5) if kind == "gate" else (0, 0)):
+    for rec, start in zip(recs[1:], (0, 5) if kind == "gate" else (0, 0), strict=True):
         # gate: summed over the stage just ended (reset at each regrowth); weight: since the start (seed)
         score = sum(p for k, step, p in seen if k == kind and start <= step < rec["step"])
         want = select_channels(score, ~mask, rec["active_channels"] - int(mask.sum()))
@@ -112,18 +103,21 @@ def test_regrowth_picks_the_largest_accumulated_scores(tmp_path, monkeypatch, me
     assert torch.equal(trainer.model.channel_mask.bool(), mask)
 
 
+@pytest.mark.slow
 def test_gradient_is_the_seed_criterion_and_differs_from_gate_gradient(tmp_path):
     picks = {m: transitions(run(cs_cfg(f"sparsity.regrowth_method={m}"), tmp_path / m).run_dir)[1]["regrown"]
              for m in ("gradient", "weight_gradient", "gate_gradient")}
     assert picks["gradient"] == picks["weight_gradient"] != picks["gate_gradient"]
 
 
+@pytest.mark.slow
 def test_random_regrowth_is_seeded(tmp_path):
     pick = lambda d, seed: transitions(run(cs_cfg("sparsity.regrowth_method=random", f"train.seed={seed}",
                                               stage_steps=2, steps=5), tmp_path / d).run_dir)[1]["regrown"]
     assert pick("a", 0) == pick("b", 0) != pick("c", 1)
 
 
+@pytest.mark.slow
 def test_zero_out_regrowth_preserves_the_function_when_groupnorm_cannot_mix(tmp_path):
     """With one GroupNorm group per channel the only coupling left is gone, so zero_out must leave the probe
     loss unchanged at the transition, while keep changes it."""
@@ -146,6 +140,7 @@ def test_zero_out_regrowth_preserves_the_function_when_groupnorm_cannot_mix(tmp_
 # ---------------------------------------------------------------------------------- resume and logs
 
 
+@pytest.mark.slow
 def test_cs_resume_across_a_transition_is_bit_identical(tmp_path):
     cfg = cs_cfg()
     full = run(cfg, tmp_path / "full")
@@ -162,6 +157,7 @@ def test_cs_resume_across_a_transition_is_bit_identical(tmp_path):
     assert torch.equal(loaded.model.channel_mask, resumed.ema.model.channel_mask)
 
 
+@pytest.mark.slow
 def test_cr_logs_loss_mse_reg_and_structured_sparsity(tmp_path, capsys):
     cfg = tiny_cfg("eval.num_samples=0", "train.num_samples=0", "regularization.enabled=true",
                    "regularization.lambda_max=0.08", "train.log_intv=1")
@@ -179,6 +175,7 @@ def test_cr_logs_loss_mse_reg_and_structured_sparsity(tmp_path, capsys):
     assert len(sparsity[0]["layers"]) == sum(isinstance(m, torch.nn.Conv2d) for m in trainer.model.modules())
 
 
+@pytest.mark.slow
 def test_cr_prox_produces_exact_zero_channels_and_combine_reg(tmp_path):
     cfg = tiny_cfg("eval.num_samples=0", "train.num_samples=0", "regularization.enabled=true",
                    "regularization.prox=true", "regularization.lambda_max=20", "regularization.combine=reg",
@@ -214,27 +211,15 @@ def _regrow_and_record(cfg, run_dir):
         channel_mask.select_channels = select
 
 
-def _ddp_worker(rank, world, port, run_dir, out):
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
-    from ddpm_curriculum import dist
-
-    torch.set_num_threads(1)
-    dist.init("cpu")
+def _ddp_worker(rank, run_dir, out):
     trainer, scores = _regrow_and_record(cs_cfg("model.drop_rate=0.0", steps=11), run_dir)
     torch.save({"mask": trainer.model.channel_mask, "birth": trainer.model.channel_birth_stage,
                 "scores": torch.stack(scores)}, f"{out}/rank{rank}.pt")
-    dist.cleanup()
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_regrow_the_same_channels_as_one_process(tmp_path):
-    import torch.multiprocessing as mp
-
-    from ddpm_curriculum.dist import free_port
-
-    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "ddp"), str(tmp_path)), nprocs=2, join=True)
+    ddp_spawn(_ddp_worker, str(tmp_path / "ddp"), str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for key in ("mask", "birth", "scores"):
         assert torch.equal(r0[key], r1[key]), f"ranks differ in {key}"
@@ -246,6 +231,7 @@ def test_two_gloo_ranks_regrow_the_same_channels_as_one_process(tmp_path):
     torch.testing.assert_close(r0["scores"], torch.stack(scores), rtol=1e-3, atol=0)
 
 
+@pytest.mark.slow
 def test_decoder_location_keeps_reserved_entries_bit_identical_and_regrows_every_block(tmp_path):
     cfg = cs_cfg("sparsity.location=decoder", "model.drop_rate=0.0", stage_steps=15, steps=40)
     trainer = CurriculumTrainer(cfg, tmp_path, CPU, progress=False, stop_at_step=30)

@@ -10,9 +10,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from ddpm_curriculum.data import build_dataset, dataset_image_shape
-from ddpm_curriculum.data.images import CELEBA_CROP
 from ddpm_curriculum.data.twoscale import TwoScaleDataset
 from ddpm_curriculum.errors import UserError
+
+from .helpers import make_fake_celeba
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_twoscale_test_split_continues_the_stream_with_the_same_prototypes():
 
 def test_twoscale_sample_statistics_match_the_model():
     ds = TwoScaleDataset(num_samples=4000, image_size=8, k1=2, k2=2)
-    xs, labels = zip(*(ds[i] for i in range(len(ds))))
+    xs, labels = zip(*(ds[i] for i in range(len(ds))), strict=True)
     xs, labels = torch.stack(xs), torch.tensor(labels)
     counts = torch.bincount(labels, minlength=4).double() / len(labels)
     assert (counts - 0.25).abs().max() < 0.03  # k, j uniform
@@ -140,20 +141,6 @@ def test_dataset_roots_from_env_and_dotenv(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------- CelebA
-
-
-def make_fake_celeba(root, n=3, partition=True):
-    folder = root / "img_align_celeba"
-    folder.mkdir(parents=True)
-    top, left, h, w = CELEBA_CROP
-    for i in range(n):
-        img = np.zeros((218, 178, 3), dtype=np.uint8)
-        img[:, :] = (255, 0, 0)  # outside the crop: red
-        img[top:top + h, left:left + w] = (0, 40 * i, 255)  # inside: blue-ish
-        Image.fromarray(img).save(folder / f"{i + 1:06d}.jpg", quality=95)
-    if partition:
-        (root / "list_eval_partition.txt").write_text("".join(f"{i + 1:06d}.jpg {0 if i < n - 1 else 2}\n"
-                                                              for i in range(n)))
 
 
 @pytest.mark.parametrize("name, size", [("celeba32", 32), ("celeba64", 64)])

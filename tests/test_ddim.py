@@ -8,8 +8,7 @@ import torch
 
 from ddpm_curriculum.diffusion import GaussianDiffusion, ddim_sample, ddim_step, ddim_timesteps, make_betas
 from ddpm_curriculum.errors import UserError
-from tests.test_diffusion import (DIFFUSERS_PRED, PRED_TYPES, Oracle, diffusers, float64_scheduler, needs_diffusers,
-                                  rand)
+from .helpers import DIFFUSERS_PRED, PRED_TYPES, diffusers, float64_scheduler, needs_diffusers, Oracle, rand
 
 CASES = [(1000, 1), (1000, 10), (1000, 50), (1000, 100), (1000, 999), (1000, 1000), (1000, 7), (1000, 300),
          (1000, 850), (100, 30), (100, 100), (37, 5), (10, 9), (2, 2), (2, 1), (1, 1), (1001, 10)]
@@ -95,7 +94,7 @@ def test_ddim_step_matches_diffusers(pred, eta, clip):
     assert sorted(sched.timesteps.tolist()) == ours.tolist()
     model = lambda x, t: 2.0 * torch.tanh(x) + 0.001 * t.view(-1, 1, 1, 1)  # noqa: E731
     x = rand(2, 3, 4, 4, seed=6)
-    prevs = dict(zip(ours.tolist(), [-1] + ours[:-1].tolist()))
+    prevs = dict(zip(ours.tolist(), [-1] + ours[:-1].tolist(), strict=True))
     for t in sched.timesteps.tolist():
         out, z = model(x, torch.full((2,), t)), rand(2, 3, 4, 4, seed=t)
         ref = sched.step(out, t, x, eta=eta, variance_noise=z, use_clipped_model_output=clip)

@@ -10,40 +10,10 @@ from ddpm_curriculum.diffusion import (BETA_SCHEDULES, CurriculumDiffusion, Gaus
                                        time_range_indices)
 from ddpm_curriculum.errors import UserError
 
-try:
-    import diffusers
-except ImportError:  # the agreement tests need the `test` extra
-    diffusers = None
-needs_diffusers = pytest.mark.skipif(diffusers is None, reason="diffusers is not installed")
+from .helpers import (DIFFUSERS_PRED, PRED_TYPES, Oracle, closed_alpha_bar, diffusers, float64_scheduler,
+                      needs_diffusers, rand)
 
 T = 1000
-PRED_TYPES = ["eps", "x0", "v"]
-
-
-def closed_alpha_bar(betas):
-    """ᾱ_t = ∏_{s≤t}(1 − β_s) by an explicit float64 loop (independent of the package's cumprod)."""
-    out, acc = [], 1.0
-    for b in betas:
-        acc *= 1.0 - float(b)
-        out.append(acc)
-    return np.array(out)
-
-
-class Oracle:
-    """A perfect network for one x0 [B, …]: returns the exact ε, x0 or v of whatever x_t it is given."""
-
-    def __init__(self, x0, betas, prediction_type):
-        self.x0, self.pred = x0, prediction_type
-        self.alpha_bar = torch.from_numpy(closed_alpha_bar(betas))
-
-    def __call__(self, x_t, t):
-        a = self.alpha_bar.to(x_t.dtype)[t].view(-1, *([1] * (x_t.dim() - 1)))
-        eps = (x_t - a.sqrt() * self.x0) / (1 - a).sqrt()
-        return {"eps": eps, "x0": self.x0, "v": a.sqrt() * eps - (1 - a).sqrt() * self.x0}[self.pred]
-
-
-def rand(*shape, seed=0, dtype=torch.float64):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 # ----- schedules -----
@@ -238,7 +208,6 @@ def test_sampled_timesteps_stay_in_range_and_cover_it():
 # ----- agreement with diffusers' DDPMScheduler -----
 
 DIFFUSERS_NAMES = {"linear": "linear", "cosine": "squaredcos_cap_v2", "quad": "scaled_linear"}
-DIFFUSERS_PRED = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 
 
 @needs_diffusers
@@ -254,15 +223,6 @@ def test_schedule_and_add_noise_match_diffusers(schedule):
     t = torch.tensor([0, 123, 640, 999])
     torch.testing.assert_close(diffusion.q_sample(x0, t, noise), sched.add_noise(x0, noise, t),
                                rtol=1e-4, atol=1e-5)
-
-
-def float64_scheduler(cls, diffusion, **kwargs):
-    """A diffusers scheduler whose ᾱ is replaced by ours in float64, so only the step math is compared."""
-    sched = cls(num_train_timesteps=diffusion.timesteps, trained_betas=diffusion.betas.tolist(),
-                clip_sample=False, **kwargs)
-    sched.alphas_cumprod = torch.from_numpy(diffusion.alphas_bar)
-    sched.one = torch.tensor(1.0, dtype=torch.float64)
-    return sched
 
 
 @needs_diffusers

@@ -11,7 +11,7 @@ from ddpm_curriculum.experiments import run_grid
 from ddpm_curriculum.experiments.endpoints import (drawn_per_t_bin, exposure, first_crossing, holm_adjust,
                                                    mean_over_training, paired_contrasts)
 
-from .test_experiments import write_grid
+from .helpers import write_grid
 
 
 def test_first_crossing_interpolates_starts_at_zero_and_censors():
@@ -27,7 +27,7 @@ def test_first_crossing_interpolates_starts_at_zero_and_censors():
 def test_mean_over_training_is_the_trapezoid_area_over_the_budget():
     steps, vals = np.array([64, 128, 512, 1024]), np.array([0.1, 0.4, 0.2, 0.9])
     expected = np.trapezoid(np.r_[0.0, vals], np.r_[0, steps]) / 1024
-    assert mean_over_training(list(zip(steps, vals)), 1024) == pytest.approx(expected)
+    assert mean_over_training(list(zip(steps, vals, strict=True)), 1024) == pytest.approx(expected)
     assert mean_over_training([(10, 2.0)], 10, start=2.0) == pytest.approx(2.0)  # a constant curve
     with pytest.raises(ValueError, match="not the budget"):
         mean_over_training([(10, 1.0)], 20)
@@ -55,12 +55,12 @@ def test_holm_adjusted_p_values_match_the_step_down_procedure():
 def test_paired_contrasts_match_scipy_and_use_holm_levels():
     rng = np.random.default_rng(1)
     seeds = range(5)
-    arms = {name: {s: float(v) for s, v in zip(seeds, rng.normal(mu, 0.1, 5))}
+    arms = {name: {s: float(v) for s, v in zip(seeds, rng.normal(mu, 0.1, 5), strict=True)}
             for name, mu in [("a", 1.0), ("b", 0.7), ("c", 0.98), ("d", 1.0)]}
     pairs = [("a − b", arms["a"], arms["b"]), ("c − d", arms["c"], arms["d"]),
              ("a − d", arms["a"], {s: v for s, v in arms["d"].items() if s < 4})]  # unpaired seed 4 is dropped
     out = paired_contrasts(pairs)
-    for c, (_, x, y) in zip(out, pairs):
+    for c, (_, x, y) in zip(out, pairs, strict=True):
         s = sorted(set(x) & set(y))
         ref = stats.ttest_rel([x[i] for i in s], [y[i] for i in s])
         assert c.n == len(s) and c.p == pytest.approx(ref.pvalue)
@@ -85,13 +85,14 @@ def test_exposure_counts_from_metrics_with_resumed_duplicates(tmp_path):
     assert drawn_per_t_bin(tmp_path / "none.jsonl", 4) is None
 
 
+@pytest.mark.slow
 def test_grid_with_contrasts_reports_endpoints_and_exposure(tmp_path):
     grid_path = write_grid(tmp_path, contrasts=[["C", "baseline"]],
                            endpoints={"t50_metric": "major_coverage", "t50_threshold": 0.01,
                                       "auc_metrics": ["val_loss"], "end_metrics": ["val_loss"]})
     records = run_grid(grid_path, tmp_path / "out", log=lambda *_: None)
     by = {(r["arm"], r["seed"], r["step"]): r for r in records}
-    for (arm, seed, step), rec in by.items():
+    for (_arm, _seed, step), rec in by.items():
         assert sum(rec["drawn_per_t_bin"]) == 8 * step  # every drawn sample counted once, stops included
         assert {"tki_50", "tki_mse_50"} <= set(rec) and "tki_300" not in rec  # T = 100: only t = 50 exists
     # C's first two steps draw only t >= 0.8·T, so at step 3 it has seen at most one batch of low t
@@ -125,7 +126,7 @@ def test_the_study_grid_is_pre_registered_with_a_budget_every_main_arm_can_cross
     from ddpm_curriculum.experiments import expand_runs, load_grid
     from ddpm_curriculum.experiments.runner import steps_per_epoch
 
-    from .test_training import ROOT
+    from .helpers import ROOT
 
     grid = load_grid(ROOT / "configs/experiments/twoscale_study.json")
     assert grid.contrasts == [["C", "baseline"], ["C", "matched"], ["CS", "C"], ["CS", "CS_random"],

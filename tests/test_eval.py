@@ -13,33 +13,12 @@ import torch
 
 from ddpm_curriculum.evaluation import EvalSettings, NpzImages, evaluate, extract_features
 from ddpm_curriculum.evaluation.sources import DatasetImages
-from ddpm_curriculum.metrics.inception import random_state_dict
 from ddpm_curriculum.metrics.oracle import twoscale_oracle_metrics
 from ddpm_curriculum.metrics.prdc import prdc
-from ddpm_curriculum.sampling import SamplerSpec, generate_to_folder, load_folder
+from ddpm_curriculum.sampling import load_folder
 from ddpm_curriculum.sampling.folder import write_png
-from ddpm_curriculum.training.checkpoint import load_network
 
-from .test_generate import script, tiny_run  # noqa: F401  (tiny_run is a fixture)
-from .test_training import tiny_cfg
-
-N = 66  # just above the 64 feature dims, so both covariances are full rank
-
-
-@pytest.fixture(scope="module")
-def setup(tiny_run, tmp_path_factory):  # noqa: F811
-    root = tmp_path_factory.mktemp("eval")
-    net = load_network(tiny_run)
-    generate_to_folder(net, SamplerSpec(use_ddim=True, steps=5), root / "samples", N, 33, seed=0, device="cpu",
-                       grid=4, progress=False)
-    ref = root / "reference"  # a tiny fake reference: the first N twoscale training images as PNGs
-    ref.mkdir()
-    for i, image in enumerate(DatasetImages(tiny_cfg(f"dataset.num_samples={N}")).load(range(N))):
-        write_png(ref / f"{i:03d}.png", image)
-    weights = random_state_dict(seed=1)
-    torch.save(weights, root / "inception.pth")
-    return {"root": root, "samples": root / "samples", "ref": ref, "weights": weights,
-            "weights_path": root / "inception.pth", "net": net, "run": tiny_run}
+from .helpers import EVAL_N as N, ddp_spawn, run_script as script, tiny_cfg
 
 
 def pytorch_fid_pipeline(setup):
@@ -53,6 +32,7 @@ def pytorch_fid_pipeline(setup):
     return pfid_score.calculate_frechet_distance(*stats[0], *stats[1]), feats
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated")  # pytorch-fid's sqrtm call
 def test_end_to_end_matches_pytorch_fid(setup, tmp_path):
     out = tmp_path / "result.json"
@@ -96,6 +76,7 @@ def test_end_to_end_matches_pytorch_fid(setup, tmp_path):
     assert direct["metrics"]["oracle"]["num_samples"] == N  # a twoscale reference adds the oracle metrics
 
 
+@pytest.mark.slow
 def test_oracle_metrics_for_a_twoscale_reference(setup, tmp_path):
     cfg = setup["net"].config
     result = evaluate(EvalSettings(samples=str(setup["samples"]), dataset_config=cfg, metrics=["oracle"],
@@ -134,29 +115,17 @@ def _fake_model(x, dims):
     return {dims[0]: x.flatten(1) @ proj}
 
 
-def _extract_worker(rank, world, port, npz, out):
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
-    from ddpm_curriculum import dist
-
-    torch.set_num_threads(1)
-    dist.init("cpu")
+def _extract_worker(rank, npz, out):
     feats = extract_features(NpzImages(npz), _fake_model, 8, batch_size=3, device="cpu", keep=11)
     mu, sigma = feats.stats.mean_cov()
     np.savez(f"{out}/rank{rank}.npz", mu=mu, sigma=sigma, kept=feats.kept.numpy(), n=feats.stats.n)
-    dist.cleanup()
 
 
+@pytest.mark.slow
 def test_feature_extraction_over_two_gloo_processes_equals_one(tmp_path):
-    import torch.multiprocessing as mp
-
-    from ddpm_curriculum.dist import free_port
-
     images = np.random.default_rng(0).integers(0, 256, (23, 4, 4, 3), dtype=np.uint8)
     np.savez(tmp_path / "x.npz", arr_0=images)
-    mp.spawn(_extract_worker, args=(2, free_port(), str(tmp_path / "x.npz"), str(tmp_path)), nprocs=2, join=True)
+    ddp_spawn(_extract_worker, str(tmp_path / "x.npz"), str(tmp_path))
     one = extract_features(NpzImages(tmp_path / "x.npz"), _fake_model, 8, batch_size=5, device="cpu", keep=11)
     mu, sigma = one.stats.mean_cov()
     feats = _fake_model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, (8,))[8].double().numpy()
@@ -184,6 +153,7 @@ def _bad_folder(tmp_path, setup, kind):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, fragment", [
     ("empty", "no images"),
     ("unreadable", "cannot read image {folder}/000070.png"),

@@ -15,8 +15,7 @@ from ddpm_curriculum.metrics.spectrum import compare_spectra, spectrum_stats
 from ddpm_curriculum.sampling.folder import write_png
 from ddpm_curriculum.training.checkpoint import load_network
 
-from .test_eval import setup  # noqa: F401  (fixtures: a tiny run, its samples, a reference folder)
-from .test_generate import script, tiny_run  # noqa: F401
+from .helpers import run_script as script
 
 
 def brute_force_mmd2(x, y):
@@ -69,7 +68,8 @@ def test_feature_net_file_round_trips_and_records_its_accuracy(feature_net, tmp_
     save_feature_net(again, model, meta)
     model2, meta2 = load_feature_net(again)
     assert meta2 == meta
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    pairs = zip(model.state_dict().values(), model2.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
     state = torch.load(out, weights_only=True)  # the safe loader reads it
     assert json.loads(json.dumps(state["meta"])) == state["meta"]
 
@@ -208,7 +208,7 @@ def test_grid_checkpoint_scores_the_opt_in_metrics_like_the_package(setup, featu
 def test_eval_json_of_a_run_has_the_opt_in_metrics_and_bad_names_are_refused(tmp_path):
     from ddpm_curriculum.errors import UserError
 
-    from .test_training import run, tiny_cfg
+    from .helpers import run, tiny_cfg
 
     run(tiny_cfg("train.steps=6", "eval.num_samples=8", "eval.metrics=[\"nll\",\"spectrum\"]",
                  "eval.nll_samples=3", "eval.nll_timesteps=4", "eval.spectrum_bands=3", "train.image_intv=0"),

@@ -12,9 +12,7 @@ from ddpm_curriculum.errors import UserError
 from ddpm_curriculum.experiments import expand_runs, load_grid, run_grid
 from ddpm_curriculum.experiments import runner as runner_module
 from ddpm_curriculum.experiments.report import compare, index, mean_std, paired_interval, verdict
-from tests.test_eval import setup  # noqa: F401  (a fixture: tiny run, reference folder, random Inception weights)
-from tests.test_generate import tiny_run  # noqa: F401  (the fixture setup needs)
-from tests.test_training import ROOT, TINY
+from .helpers import ROOT, write_grid
 
 
 def test_mean_std_and_paired_interval_match_scipy():
@@ -47,24 +45,6 @@ def test_compare_pairs_by_seed_and_ignores_unpaired_seeds():
     assert half == pytest.approx(stats.t.ppf(0.975, 1) * np.std([0.5, 0.4], ddof=1) / np.sqrt(2))
 
 
-def write_grid(tmp_path, **changes):
-    cfg = json.loads(json.dumps(TINY))
-    cfg["train"].update(steps=6, num_samples=0)
-    cfg["curriculum"]["stages"][0]["steps"] = 2
-    (tmp_path / "c.json").write_text(json.dumps(cfg))
-    cfg["curriculum"]["enabled"] = False
-    (tmp_path / "base.json").write_text(json.dumps(cfg))
-    grid = {"_comment": "tiny", "base_config": str(tmp_path / "c.json"),
-            "arms": [{"name": "baseline", "config": str(tmp_path / "base.json")}, {"name": "C"}],
-            "seeds": [0, 1], "eval_at": [0.5, 1.0],
-            "eval": {"num_samples": 8, "sample_steps": 2, "val_samples": 16},
-            "quick": {"seeds": [3], "set": ["train.steps=4"]}}
-    grid.update(changes)
-    path = tmp_path / "grid.json"
-    path.write_text(json.dumps(grid))
-    return path
-
-
 def test_runs_expand_with_overrides_in_order_and_eval_points(tmp_path):
     grid = load_grid(write_grid(tmp_path, set=["train.lr=0.002"],
                                 arms=[{"name": "C", "set": ["train.lr=0.003"]}]))
@@ -83,13 +63,15 @@ def test_runs_expand_with_overrides_in_order_and_eval_points(tmp_path):
     ({"eval_at": [0.0]}, "fractions in (0, 1]"),
     ({"seedz": [1]}, "did you mean 'seeds'"),
     ({"eval": {"num_samples": 8, "fid_ref": "dataset", "fid_dims": 64}}, "more samples than feature dims"),
-    ({"eval": {"num_samples": 99, "fid_ref": "nowhere/stats.npz", "fid_dims": 64}}, "fid_ref nowhere/stats.npz not found"),
+    ({"eval": {"num_samples": 99, "fid_ref": "nowhere/stats.npz", "fid_dims": 64}},
+     "fid_ref nowhere/stats.npz not found"),
 ])
 def test_bad_grids_are_one_line_errors(tmp_path, change, fragment):
     with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         load_grid(write_grid(tmp_path, **change))
 
 
+@pytest.mark.slow
 def test_grid_end_to_end_then_resumes_without_retraining(tmp_path, monkeypatch):
     grid_path, out = write_grid(tmp_path), tmp_path / "out"
     records = run_grid(grid_path, out, log=lambda *_: None)
@@ -112,6 +94,7 @@ def test_grid_end_to_end_then_resumes_without_retraining(tmp_path, monkeypatch):
     assert {(r["arm"], r["seed"]): r["val_loss"] for r in again if r["final"]} == finals
 
 
+@pytest.mark.slow
 def test_script_quick_mode_and_bad_grid(tmp_path):
     grid_path = write_grid(tmp_path, arms=[{"name": "C"}])
     res = subprocess.run([sys.executable, str(ROOT / "scripts/run_experiments.py"), str(grid_path), "--quick",
@@ -125,6 +108,7 @@ def test_script_quick_mode_and_bad_grid(tmp_path):
     assert bad.returncode == 2 and "grid file not found" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_repository_grid_quick_mode_runs_every_arm(tmp_path):
     """configs/experiments/twoscale_modes.json --quick: every arm trains, is scored and lands in the report."""
     grid = ROOT / "configs/experiments/twoscale_modes.json"
@@ -140,6 +124,7 @@ def test_repository_grid_quick_mode_runs_every_arm(tmp_path):
     assert all(f"| {a} (n=1) |" in report for a in arms)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated")
 def test_checkpoint_fid_equals_generate_then_eval(setup, tmp_path):  # noqa: F811  (setup: tests/test_eval.py)
     """With eval.fid_ref a checkpoint's score includes FID, equal to generate.py + eval.py on the same images."""
@@ -160,6 +145,7 @@ def test_checkpoint_fid_equals_generate_then_eval(setup, tmp_path):  # noqa: F81
     assert metrics["fid"] == pytest.approx(direct["metrics"]["fid"], rel=1e-9)
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_midway_keeps_its_finished_points(tmp_path, monkeypatch):
     """Each evaluation point lands in results.jsonl when it is scored, not when its run ends, so a grid
     stopped (or failing) mid-run keeps what it finished and continues from there."""

@@ -13,8 +13,7 @@ from ddpm_curriculum.models import UNet
 from ddpm_curriculum.models.export import BIN_NAME, SAFETENSORS_NAME, export_diffusers
 from ddpm_curriculum.pruning.cli import main as prune_main
 from ddpm_curriculum.training.checkpoint import load_network
-from tests.test_models import inputs, randomize, tiny
-from tests.test_training import run, tiny_cfg
+from .helpers import inputs, randomize, run, tiny, tiny_cfg
 
 diffusers = pytest.importorskip("diffusers")
 

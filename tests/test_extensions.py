@@ -7,7 +7,7 @@ from ddpm_curriculum.training import CurriculumTrainer
 from ddpm_curriculum.training import trainer as trainer_module
 from ddpm_curriculum.training.checkpoint import load_checkpoint
 from ddpm_curriculum.training.extensions import FrozenEntries, TrainingExtension
-from tests.test_training import CPU, tiny_cfg
+from .helpers import CPU, tiny_cfg
 
 
 @pytest.mark.parametrize("opt_cls, kw", [(torch.optim.Adam, {"weight_decay": 0.1}),
@@ -93,6 +93,7 @@ def recorder(monkeypatch):
     return made
 
 
+@pytest.mark.slow
 def test_hooks_run_at_stage_starts_and_state_survives_resume(tmp_path, recorder):
     cfg = tiny_cfg("eval.num_samples=0")
     CurriculumTrainer(cfg, tmp_path / "a", CPU, progress=False).train()
@@ -108,6 +109,7 @@ def test_hooks_run_at_stage_starts_and_state_survives_resume(tmp_path, recorder)
     assert load_checkpoint(tmp_path / "b")["extensions"]["recorder"] == {"steps": 14}
 
 
+@pytest.mark.slow
 def test_loss_terms_change_training_and_are_recorded(tmp_path, recorder):
     cfg = tiny_cfg("eval.num_samples=0", "train.steps=6")
     plain = CurriculumTrainer(cfg, tmp_path / "a", CPU, progress=False)
@@ -120,6 +122,7 @@ def test_loss_terms_change_training_and_are_recorded(tmp_path, recorder):
     assert w(penalised).norm() < w(plain).norm()
 
 
+@pytest.mark.slow
 def test_resuming_without_the_extension_state_is_a_clear_error(tmp_path, monkeypatch):
     cfg = tiny_cfg("eval.num_samples=0", "train.steps=6")
     CurriculumTrainer(cfg, tmp_path, CPU, progress=False).train()

@@ -3,10 +3,7 @@ and the script's errors."""
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +15,7 @@ from ddpm_curriculum.sampling import (PerImageNoise, SamplerSpec, generate_to_fo
 from ddpm_curriculum.sampling import noise as noise_mod
 from ddpm_curriculum.training.checkpoint import load_network
 
-from .test_training import ROOT, run, tiny_cfg
+from .helpers import run_script as script
 
 SHAPE = (3, 8, 8)
 SAMPLERS = {
@@ -26,14 +23,6 @@ SAMPLERS = {
     "ddim": SamplerSpec(use_ddim=True, steps=10),
     "ddim-eta1-quadratic-tmax": SamplerSpec(use_ddim=True, steps=7, eta=1.0, skip_type="quadratic", t_max=60),
 }
-
-
-@pytest.fixture(scope="package")
-def tiny_run(tmp_path_factory):
-    """A briefly trained tiny twoscale model (8×8, T = 100) in a run directory."""
-    run_dir = tmp_path_factory.mktemp("tiny_run")
-    run(tiny_cfg("train.steps=6", "eval.num_samples=0", "train.image_intv=0"), run_dir)
-    return run_dir
 
 
 def test_uint8_conversions_invert_each_other():
@@ -56,7 +45,7 @@ def test_per_image_noise_depends_only_on_seed_and_index(monkeypatch):
     alone = {i: draws([i]) for i in (0, 3, 4)}
     batch = draws([4, 0, 3])
     for row, i in enumerate([4, 0, 3]):
-        for step, (a, b) in enumerate(zip(alone[i], batch)):
+        for step, (a, b) in enumerate(zip(alone[i], batch, strict=True)):
             assert torch.equal(a[0], b[row]), f"image {i}, draw {step}"
     assert not torch.equal(alone[0][0], alone[3][0])
     assert not torch.equal(draws([0])[0], PerImageNoise(8, [0], SHAPE, "cpu").initial())  # seed matters
@@ -65,6 +54,7 @@ def test_per_image_noise_depends_only_on_seed_and_index(monkeypatch):
     assert abs(many.mean().item()) < 0.02 and abs(many.std().item() - 1) < 0.02
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_images_do_not_depend_on_batch_composition(tiny_run, name):
     net = load_network(tiny_run)
@@ -97,6 +87,7 @@ def _files(folder):
     return {p.name: p.read_bytes() for p in folder.glob("*.png")}
 
 
+@pytest.mark.slow
 def test_generate_resume_repairs_missing_and_damaged_files(tiny_run, tmp_path):
     net = load_network(tiny_run)
     spec = SAMPLERS["ddim"]
@@ -127,6 +118,7 @@ def test_generate_resume_repairs_missing_and_damaged_files(tiny_run, tmp_path):
     np.testing.assert_array_equal(repaired[[0, 2, 4, 6]], original[[0, 2, 4, 6]])
 
 
+@pytest.mark.slow
 def test_folder_from_other_settings_is_refused(tiny_run, tmp_path):
     net = load_network(tiny_run)
     generate_to_folder(net, SAMPLERS["ddim"], tmp_path / "a", 2, 2, seed=1, device="cpu", grid=0, progress=False)
@@ -140,11 +132,7 @@ def test_folder_from_other_settings_is_refused(tiny_run, tmp_path):
         generate_to_folder(net, SAMPLERS["ddim"], tmp_path / "b", 2, 2, seed=1, device="cpu", progress=False)
 
 
-def script(*args, timeout=300, env=None):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-
-
+@pytest.mark.slow
 def test_torchrun_two_processes_write_the_same_images(tiny_run, tmp_path):
     common = ["--chkpt-path", str(tiny_run), "--use-ddim", "--ddim-steps", "5", "--eta", "0.5",
               "--num-samples", "9", "--seed", "4", "--device", "cpu", "--no-progress", "--grid", "0"]
@@ -162,6 +150,7 @@ def test_torchrun_two_processes_write_the_same_images(tiny_run, tmp_path):
     assert not list((tmp_path / "two").glob("*.jsonl"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, fragment", [
     (["--chkpt-path", "missing_run"], "checkpoint not found"),
     (["--t-max", "100"], "--t-max 100 is outside [0, 99]"),
@@ -191,5 +180,5 @@ def test_noise_fn_replaces_the_generator_draws_exactly():
                      lambda **kw: ddim_sample(diffusion, model, x_T, steps=10, eta=0.7, **kw)):
         own = run_loop(generator=torch.Generator().manual_seed(1))
         g = torch.Generator().manual_seed(1)
-        fed = run_loop(noise_fn=lambda: torch.randn(x_T.shape, generator=g))
+        fed = run_loop(noise_fn=lambda: torch.randn(x_T.shape, generator=g))  # noqa: B023 (called here)
         assert torch.equal(own, fed)

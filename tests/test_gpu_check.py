@@ -10,7 +10,7 @@ import torch
 
 from ddpm_curriculum.bench import gpu_check
 
-from .test_training import ROOT
+from .helpers import ROOT
 
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 
@@ -21,6 +21,7 @@ def gpu_check_sh(tmp_path, *args, timeout=120):
                           env=env)
 
 
+@pytest.mark.slow
 def test_syntax_and_options(tmp_path):
     assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
     res = gpu_check_sh(tmp_path, "--fast")
@@ -28,6 +29,7 @@ def test_syntax_and_options(tmp_path):
     assert "--cpu-smoke" in gpu_check_sh(tmp_path, "--help").stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_without_cuda_it_says_so_and_exits_2(tmp_path):
     res = gpu_check_sh(tmp_path, "--no-install")
@@ -38,6 +40,7 @@ def test_without_cuda_it_says_so_and_exits_2(tmp_path):
     assert steps[1]["numbers"]["cuda_available"] is False
 
 
+@pytest.mark.slow
 def test_cpu_smoke_runs_the_step_machinery(tmp_path):
     res = gpu_check_sh(tmp_path, "--no-install", "--cpu-smoke")
     assert res.returncode == 0, res.stdout + res.stderr

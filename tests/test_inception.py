@@ -23,6 +23,7 @@ def reference(weights):
         return pytorch_fid_inception.InceptionV3(output_blocks=[0, 1, 2, 3]).eval()
 
 
+@pytest.mark.slow
 def test_state_dict_keys_equal_pytorch_fid(weights):
     with mock.patch.object(pytorch_fid_inception, "load_state_dict_from_url", return_value=weights):
         theirs = pytorch_fid_inception.fid_inception_v3().state_dict()
@@ -33,6 +34,7 @@ def test_state_dict_keys_equal_pytorch_fid(weights):
     assert sum(not k.endswith("num_batches_tracked") for k in ours) == 472
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(33, 21), (17, 299)])
 def test_features_equal_pytorch_fid_for_odd_sizes(weights, reference, size):
     x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(sum(size)))
@@ -41,11 +43,12 @@ def test_features_equal_pytorch_fid_for_odd_sizes(weights, reference, size):
         plain = inc.FIDInceptionV3()
         plain.load_state_dict(weights)
         ours = plain.eval()(x, dims=inc.BLOCK_DIMS)
-    for dim, ref in zip(inc.BLOCK_DIMS, theirs):
+    for dim, ref in zip(inc.BLOCK_DIMS, theirs, strict=True):
         assert ref.shape == (2, dim) and ref.abs().mean() > 1e-2  # non-degenerate activations
         torch.testing.assert_close(ours[dim], ref, rtol=1e-5, atol=1e-6, msg=f"{dim}-d features differ")
 
 
+@pytest.mark.slow
 def test_loaded_model_matches_and_fills_missing_batch_counters(tmp_path, weights, reference):
     # the published file has no num_batches_tracked entries; loading must still be strict and succeed
     path = tmp_path / inc.FID_WEIGHTS_NAME

@@ -108,7 +108,8 @@ def brute_force_bound(betas, model, x0, seed, index, var_type):
             lo = np.where(x < -0.999, -np.inf, x - 1 / 255)
             total -= np.log(norm.cdf((up - mean_p) / s) - norm.cdf((lo - mean_p) / s)).sum()
         else:
-            mean_q = (np.sqrt(abar_prev[t]) * betas[t] * x + np.sqrt(alphas[t]) * (1 - abar_prev[t]) * x_t) / (1 - abar[t])
+            mean_q = (np.sqrt(abar_prev[t]) * betas[t] * x
+                      + np.sqrt(alphas[t]) * (1 - abar_prev[t]) * x_t) / (1 - abar[t])
             v_q, v_p = post_var[t], model_var[t]
             total += 0.5 * (np.log(v_p / v_q) + v_q / v_p + (mean_q - mean_p) ** 2 / v_p - 1).sum()
     return total / (D * np.log(2))
@@ -164,7 +165,7 @@ def test_exact_model_of_one_point_and_unbiased_subsampling(var_type):
         assert sub.sem > 0 and abs(sub.bpd - expected) < 4 * sub.sem
         # the conservative collapsed-strata variance is at least the true stratified variance
         sizes = [hi - lo + 1 for lo, hi in lk.strata(T, 7)]
-        true_var = sum(nj ** 2 * kl_t[lo - 1:hi].var() for nj, (lo, hi) in zip(sizes, lk.strata(T, 7)))
+        true_var = sum(nj ** 2 * kl_t[lo - 1:hi].var() for nj, (lo, hi) in zip(sizes, lk.strata(T, 7), strict=True))
         assert sub.subsample_sem >= 0.99 * math.sqrt(true_var / n)
         assert sub.sem == pytest.approx(math.sqrt(true_var / n), rel=0.25)
 

@@ -14,7 +14,7 @@ from ddpm_curriculum.pruning.maskpro import (MaskProLayer, MaskProUpdate, _grad_
                                              gumbel_top_n, log_prob_grad, maskpro_layers, plackett_luce_log_prob,
                                              unwrap, wrap_model_with_maskpro)
 from ddpm_curriculum.pruning.nm import nm_mask, nm_ungroup, positions_to_groups
-from tests.test_models import randomize, tiny
+from .helpers import randomize, tiny
 
 
 def explicit_log_prob(z: torch.Tensor, chosen) -> torch.Tensor:
@@ -84,6 +84,7 @@ def test_gumbel_top_n_samples_the_plackett_luce_set_distribution(n):
 # ------------------------------------------------------------------------------------ layer surgery
 
 
+@pytest.mark.slow
 def test_wrap_unwrap_match_the_masked_dense_model_and_comply():
     model = randomize(tiny(hid_channels=32, num_res_blocks=1), seed=4).eval()
     reference = randomize(tiny(hid_channels=32, num_res_blocks=1), seed=4).eval()
@@ -146,6 +147,7 @@ def _toy(seed=0, rows=2):
     return nn.Sequential(layer), best, (layer.weight * best).detach()
 
 
+@pytest.mark.slow
 def test_maskpro_finds_the_best_mask_from_the_wrong_one():
     net, best, w_best = _toy()
     layers = wrap_model_with_maskpro(net, 2, 4, initial_masks={"0": ~best}, logits_magnitude=3.0, protect=())
@@ -154,12 +156,13 @@ def test_maskpro_finds_the_best_mask_from_the_wrong_one():
     for _ in range(3000):
         x = torch.randn(32, 8, generator=g)
         positions = update.sample(g)
-        initial, sampled = update.paired_losses(positions, lambda: (net(x) - x @ w_best.T).square().mean(1))
+        initial, sampled = update.paired_losses(positions, lambda: (net(x) - x @ w_best.T).square().mean(1))  # noqa: B023
         update.step(positions, float((sampled - initial).mean()))
     assert torch.equal(layers["0"].top_mask(), best)
     assert update.changed_fraction() == 1.0  # every group moved away from the (wrong) initial mask
 
 
+@pytest.mark.slow
 def test_paired_baseline_has_far_lower_variance_than_unpaired():
     """Var of r over minibatches for one fixed sampled mask: paired (same x0, t, ε) vs unpaired."""
     model = randomize(tiny(hid_channels=32, num_res_blocks=1), seed=1).eval()
@@ -176,7 +179,7 @@ def test_paired_baseline_has_far_lower_variance_than_unpaired():
     with torch.no_grad():
         for _ in range(12):
             b1, b2 = batch(), batch()
-            initial, sampled = update.paired_losses(positions, lambda: diffusion.training_losses(model, *b1))
+            initial, sampled = update.paired_losses(positions, lambda: diffusion.training_losses(model, *b1))  # noqa: B023
             paired.append((sampled - initial).mean())
             update.use(None)
             unpaired.append(sampled.mean() - diffusion.training_losses(model, *b2).mean())

@@ -12,8 +12,7 @@ import pytest
 from ddpm_curriculum.config import load_config
 from ddpm_curriculum.training.cli import main as train_main
 from ddpm_curriculum.training.plots import plot_run
-from tests.test_data import make_fake_celeba
-from tests.test_training import ROOT, script
+from .helpers import ROOT, make_fake_celeba, train_script as script
 
 CONFIGS = sorted((ROOT / "configs").glob("*.json"))
 SEED_CS = ROOT / "tests" / "fixtures" / "seed001_celeba32_cs.json"
@@ -59,7 +58,8 @@ SHRINK = ["model.hid_channels=32", "model.num_res_blocks=1", "model.norm_groups=
 
 @pytest.fixture(scope="module")
 def celeba_runs(tmp_path_factory):
-    """The seeds' celeba32 C, CS (the seed's own file and ours) and CR configs, trained on 6 fake images (2 steps per epoch)."""
+    """The seeds' celeba32 C, CS (the seed's own file and ours) and CR configs, trained on 6 fake images
+    (2 steps per epoch)."""
     root = tmp_path_factory.mktemp("celeba")
     make_fake_celeba(root, n=6, partition=False)
     runs = {}
@@ -72,6 +72,7 @@ def celeba_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_seed_celeba32_configs_train_on_a_fake_celeba(celeba_runs):
     for name, run_dir in celeba_runs.items():
         recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -85,6 +86,7 @@ def test_seed_celeba32_configs_train_on_a_fake_celeba(celeba_runs):
     assert cr[0]["lambda"] == 3e-5 and cr[-1]["lambda"] == 0.0 and "reg" in cr[0]
 
 
+@pytest.mark.slow
 def test_plot_run_writes_the_figures_of_each_mode(celeba_runs):
     want = {"c": {"loss.png", "loss_per_t_bin.png"}, "cs": {"loss.png", "loss_per_t_bin.png", "channels.png"},
             "cr": {"loss.png", "loss_per_t_bin.png", "channel_norms.png"}}
@@ -94,6 +96,7 @@ def test_plot_run_writes_the_figures_of_each_mode(celeba_runs):
         assert all(p.is_file() and p.stat().st_size > 1000 for p in paths)
 
 
+@pytest.mark.slow
 def test_plot_script_and_bad_mode_configs_exit_2_with_one_line(tmp_path, celeba_runs):
     res = subprocess.run([sys.executable, str(ROOT / "scripts/plot_run.py"), str(celeba_runs["cs"]),
                           "--out", str(tmp_path / "p")], capture_output=True, text=True, timeout=120, cwd=ROOT)

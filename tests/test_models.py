@@ -22,43 +22,13 @@ from ddpm_curriculum.models.convert import to_diffusers_state
 from ddpm_curriculum.models.unet import (ZERO_INIT_SCALE, AttentionBlock, MiddleBlock, ResAttnBlock,
                                          ResidualBlock, SamePad2d, tf_same_pad)
 
-CIFAR10 = dict(in_channels=3, hid_channels=128, ch_multipliers=(1, 2, 2, 2), num_res_blocks=2,
-               apply_attn=(False, True, False, False), drop_rate=0.1)
-
-
-def tiny(**kw) -> UNet:
-    cfg = dict(hid_channels=32, ch_multipliers=(1, 2), num_res_blocks=2, apply_attn=(False, True))
-    cfg.update(kw)
-    return UNet(**cfg)
-
-
-@torch.no_grad()
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every parameter a generic non-zero value (unit-scale weights, non-zero biases and norm affines).
-
-    The real init zeroes (≈1e-10 scale) the last conv of each block and the output conv, which makes the
-    network almost constant; equivalence tests on such a model would prove little.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.ndim > 1:
-            fan_in = p[0].numel()
-            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
-        elif "norm" in name and name.endswith("weight") or name == "out_conv.0.weight":
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-        else:
-            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    return model
-
-
-def inputs(batch=2, size=16, channels=3, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, channels, size, size, generator=gen), torch.randint(0, 1000, (batch,), generator=gen)
+from .helpers import CIFAR10, inputs, randomize, tiny
 
 
 # ---------------------------------------------------------------------------------------------- shapes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [16, 32])
 @pytest.mark.parametrize("attn", [(False, True), (False, False)])
 @pytest.mark.parametrize("with_conv", [True, False])
@@ -71,6 +41,7 @@ def test_output_shape(size, attn, with_conv):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_out_channels_and_scalar_t():
     model = tiny(in_channels=1, out_channels=2, num_res_blocks=1).eval()
     x, _ = inputs(channels=1, size=8)
@@ -90,6 +61,7 @@ def test_indivisible_size_is_rejected():
 # ------------------------------------------------------------------------------------ gradients, state
 
 
+@pytest.mark.slow
 def test_gradients_reach_every_parameter():
     # hid 64: GroupNorm(32) then has 2 channels per group. With 1 channel per group, norm2 would cancel
     # the per-channel time-embedding shift exactly and fc would (correctly) get a zero gradient.
@@ -103,6 +75,7 @@ def test_gradients_reach_every_parameter():
         assert p.grad.abs().max() > 1e-6, f"{name} gets no gradient"
 
 
+@pytest.mark.slow
 def test_time_embedding_changes_output():
     model = randomize(tiny(hid_channels=64, num_res_blocks=1)).eval()
     x, _ = inputs(batch=1, size=8)
@@ -111,6 +84,7 @@ def test_time_embedding_changes_output():
     assert (a - b).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_state_dict_round_trip():
     src = randomize(tiny(drop_rate=0.1), seed=3).eval()
     torch.manual_seed(123)
@@ -140,6 +114,7 @@ def _xavier_bound(w: torch.Tensor, scale: float) -> float:
     return math.sqrt(6 * scale / (fan_in + fan_out))
 
 
+@pytest.mark.slow
 def test_init_follows_tf_fan_avg_and_zero_init_layers():
     torch.manual_seed(0)
     sd = UNet(hid_channels=64, ch_multipliers=(1, 2), apply_attn=(False, True)).state_dict()
@@ -312,6 +287,7 @@ def test_attention_matches_explicit_formula(channels_last):
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_channels_last_matches_nchw():
     model = randomize(tiny(hid_channels=32), seed=7).eval()
     model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
@@ -325,6 +301,7 @@ def test_channels_last_matches_nchw():
     assert ref.is_contiguous()
 
 
+@pytest.mark.slow
 def test_zero_init_model_is_near_constant_in_x():
     # With the real init the output conv is ~1e-5 scale: a fresh model predicts ≈0 everywhere.
     model = tiny().eval()
@@ -336,6 +313,7 @@ def test_zero_init_model_is_near_constant_in_x():
 # ----------------------------------------------------------------------------- diffusers cross-check
 
 
+@pytest.mark.slow
 def test_matches_diffusers_unet2d_with_same_layout():
     diffusers = pytest.importorskip("diffusers")
     ours = randomize(tiny(hid_channels=32, num_res_blocks=2), seed=11).eval()
@@ -361,7 +339,8 @@ def test_registry_builds_unet():
     sparse = build_model("sparse_unet", hid_channels=32, ch_multipliers=(1, 2), apply_attn=(False, True))
     assert isinstance(sparse, SparseUNet) and sparse.channel_mask.shape == (64,)
     decoder = build_model("decoder_sparse_unet", hid_channels=32, ch_multipliers=(1, 2), apply_attn=(False, True))
-    # up blocks (deepest first, 2 per level): cat(64, 64), cat(64, 64), cat(64, 32), cat(64, 32), cat(32, 32), cat(32, 32)
+    # up blocks (deepest first, 2 per level):
+    # cat(64, 64), cat(64, 64), cat(64, 32), cat(64, 32), cat(32, 32), cat(32, 32)
     assert decoder.gate_segments == [128, 128, 96, 96, 64, 64] and decoder.channel_mask.shape == (576,)
     assert count_parameters(nn.Linear(3, 2)) == 8
 

@@ -38,6 +38,7 @@ def test_matches_brute_force_definitions(pr_k, dc_k):
     assert all(0 < ours[k] < 1 for k in ("precision", "recall", "coverage"))  # the test can tell
 
 
+@pytest.mark.slow
 def test_blockwise_equals_full_matrix():
     g = torch.Generator().manual_seed(0)
     real, fake = torch.randn(301, 16, generator=g), torch.randn(257, 16, generator=g) * 1.1

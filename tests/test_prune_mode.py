@@ -14,10 +14,8 @@ from ddpm_curriculum.pruning.masks import save_masks
 from ddpm_curriculum.pruning.nm import kept_per_group, nm_groups, nm_mask
 from ddpm_curriculum.training import CurriculumTrainer
 from ddpm_curriculum.training.checkpoint import load_checkpoint, load_network
-from tests.test_training import CPU, ROOT, run, script, tiny_cfg, write_tiny
+from .helpers import CPU, PRUNE, ROOT, ddp_spawn, run, tiny_cfg, train_script as script, write_tiny
 
-PRUNE = ["maskpro.enabled=true", "eval.num_samples=0", "train.num_samples=0", "train.steps=8", "train.log_intv=1",
-         "train.warmup=0", "model.drop_rate=0.0"]
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +45,7 @@ def full_and_resumed(cls, cfg, tmp_path, stop_at=3):
     return full, resumed
 
 
+@pytest.mark.slow
 def test_learning_resumes_exactly_and_never_changes_the_weights(source, tmp_path):
     full, resumed = full_and_resumed(MaskProTrainer, learn_cfg(source), tmp_path)
     a, b = full.update.state_dict(), resumed.update.state_dict()
@@ -68,28 +67,15 @@ def test_learning_resumes_exactly_and_never_changes_the_weights(source, tmp_path
         assert torch.all(w[~keep] == 0) and torch.equal(w[keep], dense.model.get_submodule(name).weight[keep])
 
 
-def _ddp_learn_worker(rank, world, port, source, run_dir, out):
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
-    from ddpm_curriculum import dist
-
-    torch.set_num_threads(1)
-    dist.init("cpu")
+def _ddp_learn_worker(rank, source, run_dir, out):
     trainer = MaskProTrainer(learn_cfg(Path(source), "train.steps=6"), run_dir, CPU, progress=False)
     trainer.train()
     torch.save(trainer.update.state_dict(), f"{out}/rank{rank}.pt")
-    dist.cleanup()
 
 
+@pytest.mark.slow
 def test_two_process_learning_matches_one_process(source, tmp_path):
-    import torch.multiprocessing as mp
-
-    from ddpm_curriculum.dist import free_port
-
-    mp.spawn(_ddp_learn_worker, args=(2, free_port(), str(source), str(tmp_path / "ddp"), str(tmp_path)),
-             nprocs=2, join=True)
+    ddp_spawn(_ddp_learn_worker, str(source), str(tmp_path / "ddp"), str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     single = MaskProTrainer(learn_cfg(source, "train.steps=6"), tmp_path / "one", CPU, progress=False)
     single.train()
@@ -100,6 +86,7 @@ def test_two_process_learning_matches_one_process(source, tmp_path):
         torch.testing.assert_close(r0["logits"][k], one["logits"][k], rtol=0, atol=1e-4)  # = one process
 
 
+@pytest.mark.slow
 def test_learning_uses_only_the_curriculum_stage_timesteps(source, tmp_path):
     MaskProTrainer(learn_cfg(source), tmp_path, CPU, progress=False).train()
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -110,12 +97,14 @@ def test_learning_uses_only_the_curriculum_stage_timesteps(source, tmp_path):
     assert any(r["stage"] == "full" for r in recs)
 
 
+@pytest.mark.slow
 def test_learning_refuses_a_pruned_source(source, tmp_path):
     MaskProTrainer(learn_cfg(source, "train.steps=6"), tmp_path / "learn", CPU, progress=False).train()
     with pytest.raises(UserError, match="is a pruned network"):
         MaskProTrainer(learn_cfg(source, f"maskpro.source={tmp_path / 'learn'}"), tmp_path / "x", CPU)
 
 
+@pytest.mark.slow
 def test_finetune_keeps_pruned_weights_exactly_zero_and_resumes_exactly(source, tmp_path):
     MaskProTrainer(learn_cfg(source, "train.steps=6"), tmp_path / "learn", CPU, progress=False).train()
     cfg = tiny_cfg(*PRUNE, "maskpro.phase=finetune", f"maskpro.source={tmp_path / 'learn'}",
@@ -138,12 +127,14 @@ def test_finetune_keeps_pruned_weights_exactly_zero_and_resumes_exactly(source, 
     assert load_network(tmp_path / "full").masks.keys() == masks.keys()  # a fine-tuned run is a pruned network
 
 
+@pytest.mark.slow
 def test_finetune_needs_masks(source, tmp_path):
     cfg = tiny_cfg(*PRUNE, "maskpro.phase=finetune", f"maskpro.source={source / 'run'}")
     with pytest.raises(UserError, match="has no masks"):
         CurriculumTrainer(cfg, tmp_path, CPU, progress=False).train()
 
 
+@pytest.mark.slow
 def test_script_takes_the_architecture_from_the_source_and_explains_errors(source, tmp_path):
     cfg_path = write_tiny(tmp_path, steps=6, num_samples=0)
     raw = json.loads(cfg_path.read_text())

@@ -19,8 +19,7 @@ from ddpm_curriculum.pruning.nm import (export_compact, import_compact, nm_compl
 from ddpm_curriculum.pruning.semistructured import (Conv1x1AsLinear, semi_structured_eligible,
                                                     to_semi_structured)
 from ddpm_curriculum.training.checkpoint import load_checkpoint, load_network
-from tests.test_models import randomize, tiny
-from tests.test_training import ROOT, run, tiny_cfg
+from .helpers import ROOT, randomize, run, tiny, tiny_cfg
 
 
 def brute_groups(w: torch.Tensor, m: int, order: str) -> list[list[float]]:
@@ -63,7 +62,7 @@ def test_nm_magnitude_mask_keeps_the_n_largest_of_each_group(n, m):
     w = torch.randn(6, 16, 3, 3)
     mask = nm_mask(w, n, m)
     assert nm_compliance(mask, n, m) == 1.0 and mask.sum() == w.numel() * n // m
-    for g_w, g_k in zip(brute_groups(w, m, "asp"), brute_groups(mask.float(), m, "asp")):
+    for g_w, g_k in zip(brute_groups(w, m, "asp"), brute_groups(mask.float(), m, "asp"), strict=True):
         ranked = sorted(range(m), key=lambda j: -abs(g_w[j]))
         assert sorted(j for j in range(m) if g_k[j]) == sorted(ranked[:n])
     assert nm_compliance(torch.ones(6, 16, 3, 3, dtype=torch.bool), n, m) == 0.0
@@ -96,6 +95,7 @@ def test_magnitude_masks_per_layer_and_global_match_sorting():
         magnitude_masks(layers, 1.0)
 
 
+@pytest.mark.slow
 def test_selection_protects_the_seed_layers_and_masks_round_trip(tmp_path):
     model = tiny(hid_channels=32, num_res_blocks=1)
     chosen, skipped = select_layers(model)
@@ -132,6 +132,7 @@ def test_sparsity_summary_counts():
     assert s["totals"]["params"] == 18 and s["totals"]["nonzeros"] == 8  # zero bias, masked weight
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n, m, order", [(2, 4, "asp"), (4, 8, "im2col"), (1, 4, "asp")])
 def test_compact_export_round_trip(n, m, order):
     model = randomize(tiny(hid_channels=32, num_res_blocks=1), seed=5)
@@ -187,6 +188,7 @@ def trained(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_prune_script_nm_then_extract(trained, tmp_path):
     res = prune_script("--method", "nm", "--model_path", str(trained), "--save-path", str(tmp_path / "nm"),
                        "--eval-samples", "8", "--preview-samples", "4", "--sample-steps", "2")
@@ -215,6 +217,7 @@ def test_prune_script_nm_then_extract(trained, tmp_path):
     assert load_checkpoint(tmp_path / "ex" / "pruned.pt")["pruning"]["method"] == "extract"
 
 
+@pytest.mark.slow
 def test_prune_script_magnitude_on_a_ddpm_torch_file(trained, tmp_path):
     state = load_checkpoint(trained)
     torch.save({"model": {f"module.{k}": v for k, v in state["model"].items()},
@@ -230,12 +233,14 @@ def test_prune_script_magnitude_on_a_ddpm_torch_file(trained, tmp_path):
     assert stats["skipped"]["middle.0.fc"] == "protected"
 
 
+@pytest.mark.slow
 def test_prune_script_bad_input_is_one_line_exit_2():
     res = prune_script("--model_path", "nowhere", "--save_path", "x")
     assert res.returncode == 2 and "checkpoint not found" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, fragment", [
     (["--method", "nm", "--pruner", "random"], "conflicts with"),
     (["--method", "nm", "--n", "4", "--m", "4"], "N:M = 4:4"),

@@ -17,7 +17,7 @@ from ddpm_curriculum.errors import UserError
 from ddpm_curriculum.training import CurriculumTrainer, TrainingDiverged
 from ddpm_curriculum.training.checkpoint import latest_checkpoint, load_checkpoint
 from ddpm_curriculum.training.cli import RESUME_RULES, parse_args, resolve
-from tests.test_training import CPU, ROOT, run, script, tiny_cfg, write_tiny
+from .helpers import CPU, ROOT, run, train_script as script, tiny_cfg, write_tiny
 
 
 def resumed(run_dir, *sets, **kw):
@@ -41,6 +41,7 @@ def record_lrs(trainer):
 # ------------------------------------------------------------------ --set on --resume
 
 
+@pytest.mark.slow
 def test_resume_lr_and_warmup_overrides_drive_the_next_steps(tmp_path):
     run(tiny_cfg("train.warmup=10", "eval.num_samples=0"), tmp_path, stop_at_step=4)
     trainer = resumed(tmp_path, "train.lr=1e-5", "train.warmup=20", "train.weight_decay=0.01",
@@ -57,6 +58,7 @@ def test_resume_lr_and_warmup_overrides_drive_the_next_steps(tmp_path):
     assert lrs[-1] == 1e-5 * (9 / 20)  # logged after step 8: the lr step 9 will use
 
 
+@pytest.mark.slow
 def test_resume_without_overrides_keeps_the_schedule_bit_for_bit(tmp_path):
     run(tiny_cfg("train.warmup=10", "eval.num_samples=0"), tmp_path, stop_at_step=4)
     trainer = resumed(tmp_path, stop_at_step=6)
@@ -65,6 +67,7 @@ def test_resume_without_overrides_keeps_the_schedule_bit_for_bit(tmp_path):
     assert used == [[1e-3 * (5 / 10)], [1e-3 * (6 / 10)]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, key", [
     ("model.hid_channels=64", "model.hid_channels"),
     ("train.seed=1", "train.seed"),
@@ -79,6 +82,7 @@ def test_resume_refuses_fixed_keys_by_name(tmp_path, override, key):
         resolve(parse_args(["--resume", str(tmp_path), "--set", override, "--set", "train.steps=8"]))
 
 
+@pytest.mark.slow
 def test_resume_with_a_fixed_key_is_one_line_and_exit_2(tmp_path):
     run_dir = tmp_path / "run"
     run(tiny_cfg("train.steps=6", "eval.num_samples=0"), run_dir)
@@ -96,6 +100,7 @@ def test_every_train_key_has_a_resume_rule():
     assert {f"train.{k}" for k in TrainConfig.__dataclass_fields__} <= patterns
 
 
+@pytest.mark.slow
 def test_resume_length_changes_may_not_rewrite_the_past(tmp_path):
     run(tiny_cfg("eval.num_samples=0"), tmp_path, stop_at_step=4)  # stage 'high' is steps 0..4
     with pytest.raises(UserError, match="move stages that already started"):
@@ -123,6 +128,7 @@ def poison(trainer, at_step):
     trainer.diffusion.training_losses = poisoned
 
 
+@pytest.mark.slow
 def test_divergence_names_both_escapes_and_skipping_gets_past_the_step(tmp_path, capsys):
     first = CurriculumTrainer(tiny_cfg("eval.num_samples=0"), tmp_path, CPU, progress=False)
     poison(first, 4)
@@ -166,6 +172,7 @@ def test_divergence_names_both_escapes_and_skipping_gets_past_the_step(tmp_path,
 # ------------------------------------------------------------------ --stop-at-step
 
 
+@pytest.mark.slow
 def test_stop_at_step_at_or_before_the_current_step_is_refused_without_training(tmp_path):
     run_dir = tmp_path / "run"
     run(tiny_cfg("eval.num_samples=0"), run_dir, stop_at_step=4)
@@ -215,6 +222,7 @@ def signal_in_phase(phase, sig, *args):
     return proc.returncode, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_during_start_up_is_one_line_and_128_plus_signal(tmp_path, sig, code):
     cfg_path = write_tiny(tmp_path, steps=6, num_samples=0)
@@ -225,6 +233,7 @@ def test_signal_during_start_up_is_one_line_and_128_plus_signal(tmp_path, sig, c
     assert latest_checkpoint(tmp_path / "run") is None
 
 
+@pytest.mark.slow
 def test_sigterm_during_final_evaluation_says_what_was_saved_and_the_rerun_works(tmp_path):
     cfg_path = write_tiny(tmp_path, steps=6, num_samples=0)
     run_dir = tmp_path / "run"
@@ -239,6 +248,7 @@ def test_sigterm_during_final_evaluation_says_what_was_saved_and_the_rerun_works
     assert json.loads((run_dir / "eval.json").read_text())["step"] == 6
 
 
+@pytest.mark.slow
 def test_a_stop_request_after_the_last_step_checkpoints_instead_of_evaluating(tmp_path):
     trainer = CurriculumTrainer(tiny_cfg("train.steps=6"), tmp_path, CPU, progress=False)
     after = trainer._after_step

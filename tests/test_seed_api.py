@@ -18,8 +18,7 @@ from ddpm_curriculum.sampling.cli import main as generate_main
 from ddpm_curriculum.training import builders
 from ddpm_curriculum.training.checkpoint import load_network
 from ddpm_curriculum.training.sampler import mix_seed
-from tests.test_models import randomize, tiny
-from tests.test_training import run, tiny_cfg
+from .helpers import randomize, run, tiny, tiny_cfg
 
 QUIET = ["--device", "cpu", "--eval-samples", "0", "--preview-samples", "0"]
 

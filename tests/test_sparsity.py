@@ -18,12 +18,7 @@ from ddpm_curriculum.sparsity.channel_mask import select_channels
 from ddpm_curriculum.sparsity.group_l1 import (conv_groups, group_l1, norm_scale_groups, prox_group_l1_,
                                                structured_sparsity)
 from ddpm_curriculum.sparsity.schedules import active_channels, stage_values
-from tests.test_models import randomize
-
-# hid 32 with multipliers (1, 2): a 64-channel bottleneck; attention at the deepest level makes the first up
-# block a ResAttnBlock, the harder case for finding the consumer.
-KW = dict(in_channels=3, hid_channels=32, ch_multipliers=(1, 2), num_res_blocks=1, apply_attn=(False, True),
-          norm_groups=16)
+from .helpers import KW, randomize
 
 
 # ------------------------------------------------------------------------------------------ schedules
@@ -44,7 +39,7 @@ def test_seed000_sparsity_list_over_256_channels():
 
 def test_lambda_schedules_match_the_seeds_digits():
     linear = stage_values("linear", 3e-5, 5)
-    for got, want in zip(linear, [3.0e-5, 2.25e-5, 1.5e-5, 7.5e-6, 0.0]):
+    for got, want in zip(linear, [3.0e-5, 2.25e-5, 1.5e-5, 7.5e-6, 0.0], strict=True):
         assert got == pytest.approx(want, abs=1e-12)
     cosine = stage_values("cosine", 5e-5, 5)
     assert [round(v, 7) for v in cosine] == [5e-5, 4.27e-5, 2.5e-5, 7.3e-6, 0.0]
@@ -103,6 +98,7 @@ def diffusion():
     return GaussianDiffusion(make_betas("linear", 100, 1e-4, 0.02))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", [SparseUNet, DecoderSparseUNet])
 def test_dense_gated_unet_is_the_unet(cls):
     torch.manual_seed(0)
@@ -137,10 +133,12 @@ def check_reserved_entries(model, count: int) -> None:
         assert not torch.allclose(model(x_t, t), before)
 
 
+@pytest.mark.slow
 def test_reserved_entries_get_zero_gradient_and_do_not_affect_the_output():
     check_reserved_entries(sparse(), 6)
 
 
+@pytest.mark.slow
 def test_without_the_consumer_gate_groupnorm_would_leak_into_conv1():
     """Why the second gate exists: a zero channel leaves norm1 as β_c − γ_c·μ_g/σ_g ≠ 0."""
     model = sparse()
@@ -158,6 +156,7 @@ def test_without_the_consumer_gate_groupnorm_would_leak_into_conv1():
     assert seen["conv1_in"][:, c:].abs().sum() > 0  # the concatenated skip is not gated
 
 
+@pytest.mark.slow
 def test_gate_probe_equals_per_sample_autograd_of_the_tied_gate():
     model = sparse().eval()  # eval: no dropout, so per-sample forwards equal the batched one
     x0, t, noise = batch(n=5)
@@ -258,11 +257,13 @@ def test_decoder_gates_one_segment_per_up_block():
                                                                           for b in model.gated_blocks)
 
 
+@pytest.mark.slow
 def test_decoder_reserved_entries_get_zero_gradient_and_do_not_affect_the_output():
     model = decoder()
     check_reserved_entries(model, 4 * len(model.gated_blocks))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["masked", "active"])
 def test_decoder_gates_cut_the_skip_path_too(which):
     """Noise added to the masked inputs of every up block (encoder skips and the up path alike), before the
@@ -280,7 +281,7 @@ def test_decoder_gates_cut_the_skip_path_too(which):
         return hook
 
     handles = [b.register_forward_pre_hook(perturb(w), prepend=True)
-               for b, w in zip(model.gated_blocks, model.segment_slices())]
+               for b, w in zip(model.gated_blocks, model.segment_slices(), strict=True)]
     with torch.no_grad():
         after = model(x, t)
     for h in handles:
@@ -288,6 +289,7 @@ def test_decoder_gates_cut_the_skip_path_too(which):
     assert torch.equal(after, before) == (which == "masked")
 
 
+@pytest.mark.slow
 def test_decoder_gate_probe_equals_per_sample_autograd_of_the_tied_gates():
     model = decoder().train()
     model.drop_rate = 0.0

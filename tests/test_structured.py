@@ -21,9 +21,7 @@ from ddpm_curriculum.pruning.structured import (StructuredOptions, diffusion_los
                                                 structured_prune)
 from ddpm_curriculum.training import CurriculumTrainer, builders
 from ddpm_curriculum.training.checkpoint import load_checkpoint, load_network
-from tests.test_models import randomize
-from tests.test_prune_mode import PRUNE
-from tests.test_training import CPU, tiny_cfg
+from .helpers import CPU, PRUNE, randomize, tiny_cfg
 
 pytest.importorskip("torch_pruning")
 
@@ -229,11 +227,12 @@ def test_finetune_and_maskpro_run_on_the_structured_network(dense, tmp_path):
     tuned = load_network(tmp_path / "ft", use_ema=False)
     start = load_network(source)
     assert any(not torch.equal(a, b) for a, b in zip(tuned.model.state_dict().values(),
-                                                       start.model.state_dict().values()))
+                                                       start.model.state_dict().values(), strict=True))
     # hybrid stage 2: N:M masks of the fine-tuned smaller network, then one MaskPro update
     assert run_cli(cli.main, ["--method", "nm", "--model_path", str(tmp_path / "ft"), "--save_path",
                               str(tmp_path / "nm"), "--eval_samples", "0", "--preview_samples", "0"]) == 0
-    learn, _ = adopt_source_architecture(tiny_cfg(*PRUNE, f"maskpro.source={tmp_path / 'ft'}", "train.steps=1", "curriculum.enabled=false",
+    learn, _ = adopt_source_architecture(tiny_cfg(*PRUNE, f"maskpro.source={tmp_path / 'ft'}", "train.steps=1",
+                                                  "curriculum.enabled=false",
                                                   f"maskpro.masks={tmp_path / 'nm' / 'masks.pt'}"))
     MaskProTrainer(learn, tmp_path / "mp", CPU, progress=False).train()
     net = load_network(tmp_path / "mp")
@@ -266,7 +265,8 @@ def test_compression_report_quick(dense, tmp_path):
     paths = {"dense": dense, "structured": tmp_path / "s" / "pruned.pt", "nm": tmp_path / "nm" / "pruned.pt",
              "hybrid": tmp_path / "hy" / "pruned.pt"}
     out = tmp_path / "report"
-    assert run_cli(report.main, ["--quick", "--out", str(out), *[f"--candidate={k}={v}" for k, v in paths.items()]]) == 0
+    candidates = [f"--candidate={k}={v}" for k, v in paths.items()]
+    assert run_cli(report.main, ["--quick", "--out", str(out), *candidates]) == 0
     res = json.loads((out / "evaluation_results.json").read_text())
     rows = res["candidates"]
     assert [rows[k]["kind"] for k in paths] == ["dense", "structured", "N:M", "hybrid"]

@@ -17,7 +17,7 @@ from ddpm_curriculum.training import CurriculumTrainer, builders
 from ddpm_curriculum.training.checkpoint import load_checkpoint
 from ddpm_curriculum.training.plan import PatiencePacing, curriculum_layout
 from ddpm_curriculum.training.reporting import MetricsLog
-from tests.test_training import CPU, ROOT, assert_same_state, run, tiny_cfg
+from .helpers import CPU, ROOT, assert_same_state, run, tiny_cfg
 
 BETAS = make_betas("linear", 1000, 1e-4, 0.02)
 
@@ -63,6 +63,7 @@ def test_metrics_log_reports_the_weighted_objective_and_the_plain_loss():
     assert rec["reg"] == pytest.approx(0.1) and rec["loss_per_t_bin"] == [1.0, 3.0]
 
 
+@pytest.mark.slow
 def test_trainer_backpropagates_the_weighted_loss(tmp_path, monkeypatch):
     cfg = tiny_cfg("curriculum.enabled=false", "curriculum.stages=[]", "train.loss_weighting=min_snr",
                    "train.min_snr_gamma=5", "train.log_intv=1", "eval.num_samples=0", "train.num_samples=0",
@@ -126,8 +127,8 @@ def test_logsnr_bounds_follow_the_half_open_rule_on_the_logsnr_axis():
     u = (logsnr[0] - logsnr) / (logsnr[0] - logsnr[-1])
     assert logsnr_range_indices(0.0, 1.0, ab) == (0, 999)
     edges = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-    ranges = [logsnr_range_indices(a, b, ab) for a, b in zip(edges, edges[1:])]
-    for (a, b), (lo, hi) in zip(zip(edges, edges[1:]), ranges):
+    ranges = [logsnr_range_indices(a, b, ab) for a, b in zip(edges, edges[1:], strict=False)]
+    for (a, b), (lo, hi) in zip(zip(edges, edges[1:], strict=False), ranges, strict=False):
         inside = [t for t in range(1000) if a <= u[t] and (u[t] < b or b == 1.0)]
         assert (lo, hi) == (inside[0], inside[-1])
     assert all(ranges[i][1] + 1 == ranges[i + 1][0] for i in range(4))  # a partition of 0..999
@@ -165,6 +166,7 @@ def test_patience_pacing_advances_after_a_plateau_and_never_beyond_the_maximum()
     assert clone.plan() == plan and clone.state_dict() == pacing.state_dict()
 
 
+@pytest.mark.slow
 def test_patience_run_resumes_bit_identically_across_an_early_transition(tmp_path):
     cfg = patience_cfg("curriculum.min_delta=1.0")  # nothing counts as improvement → stages end after 3 steps
     full = run(cfg, tmp_path / "full")

@@ -8,54 +8,19 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from ddpm_curriculum.config import config_from_dict
 from ddpm_curriculum.diffusion import time_range_indices
 from ddpm_curriculum.errors import UserError
 from ddpm_curriculum.training import CurriculumTrainer, TrainingDiverged
 from ddpm_curriculum.training.checkpoint import latest_checkpoint, load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-CPU = torch.device("cpu")
-
-# 64 samples at global batch 8 → 8 steps per epoch; stage 1 (high noise) lasts 5 steps.
-TINY = {
-    "dataset": {"name": "twoscale", "image_size": 8, "num_samples": 64, "k1": 2, "k2": 2},
-    "diffusion": {"timesteps": 100},
-    "model": {"hid_channels": 32, "ch_multipliers": [1, 2], "num_res_blocks": 1,
-              "apply_attn": [False, True], "drop_rate": 0.1},
-    "train": {"steps": 14, "batch_size": 8, "lr": 1e-3, "warmup": 3, "ema_decay": 0.9, "log_intv": 2,
-              "num_samples": 4, "image_intv": 1, "chkpt_intv": 1, "sample_steps": 3, "keep_checkpoints": 0},
-    "curriculum": {"enabled": True, "stages": [{"t_min": 0.8, "t_max": 1.0, "steps": 5, "name": "high"},
-                                               {"t_min": 0.0, "t_max": 1.0, "steps": 1, "name": "full"}]},
-    "eval": {"num_samples": 16},
-}
+from .helpers import CPU, ROOT, assert_same_state, ddp_spawn, run, tiny_cfg, train_script as script, write_tiny
 
 
-def tiny_cfg(*overrides):
-    return config_from_dict(TINY, list(overrides))
-
-
-def run(cfg, run_dir, **kw):
-    trainer = CurriculumTrainer(cfg, run_dir, CPU, progress=False, **kw)
-    trainer.train()
-    return trainer
-
-
-def assert_same_state(a: CurriculumTrainer, b: CurriculumTrainer, exact=True, atol=0.0):
-    for name, x, y in [("model", a.model.state_dict(), b.model.state_dict()),
-                       ("ema", a.ema.state_dict(), b.ema.state_dict())]:
-        for k in x:
-            if exact:
-                assert torch.equal(x[k], y[k]), f"{name}.{k} differs"
-            else:
-                torch.testing.assert_close(x[k], y[k], atol=atol, rtol=0, msg=f"{name}.{k} differs")
-
-
+@pytest.mark.slow
 def test_resume_is_bit_identical_mid_epoch_and_across_a_stage_boundary(tmp_path):
     cfg = tiny_cfg()
     full = run(cfg, tmp_path / "full")
@@ -75,6 +40,7 @@ def test_resume_is_bit_identical_mid_epoch_and_across_a_stage_boundary(tmp_path)
     assert steps == sorted(set(steps)) and steps[-1] == 14
 
 
+@pytest.mark.slow
 def test_timesteps_stay_inside_each_stage(tmp_path):
     cfg = tiny_cfg("train.log_intv=1")
     run(cfg, tmp_path)
@@ -89,6 +55,7 @@ def test_timesteps_stay_inside_each_stage(tmp_path):
     assert len({i for r in recs if r["step"] > 5 for i, v in enumerate(r["loss_per_t_bin"]) if v}) > 4
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_checkpoint_of_the_last_good_state(tmp_path):
     trainer = CurriculumTrainer(tiny_cfg(), tmp_path, CPU, progress=False)
     original = trainer.diffusion.training_losses
@@ -105,6 +72,7 @@ def test_nan_loss_stops_with_a_checkpoint_of_the_last_good_state(tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+@pytest.mark.slow
 def test_incompatible_checkpoint_is_a_clear_error(tmp_path):
     run(tiny_cfg("train.steps=6"), tmp_path)
     state = load_checkpoint(tmp_path)
@@ -112,25 +80,15 @@ def test_incompatible_checkpoint_is_a_clear_error(tmp_path):
         CurriculumTrainer(tiny_cfg("model.hid_channels=64"), tmp_path / "x", CPU, resume_state=state)
 
 
-def _ddp_worker(rank, world, port, run_dir, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
-    from ddpm_curriculum import dist
-
-    torch.set_num_threads(1)
-    dist.init("cpu")
+def _ddp_worker(rank, run_dir, out):
     trainer = run(tiny_cfg("model.drop_rate=0.0", "eval.num_samples=0"), run_dir)
     torch.save({"model": trainer.model.state_dict(), "ema": trainer.ema.state_dict(),
                 "step": trainer.step, "stage": trainer.stage.index}, f"{out}/rank{rank}.pt")
-    dist.cleanup()
 
 
+@pytest.mark.slow
 def test_two_process_gloo_matches_one_process(tmp_path):
-    import torch.multiprocessing as mp
-
-    from ddpm_curriculum.dist import free_port
-
-    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "ddp"), str(tmp_path)), nprocs=2, join=True)
+    ddp_spawn(_ddp_worker, str(tmp_path / "ddp"), str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["step"] == r1["step"] == 14 and r0["stage"] == r1["stage"] == 1
     for key in ("model", "ema"):
@@ -155,19 +113,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
 # ------------------------------------------------------------------------- the script
 
 
-def script(*args, timeout=300, **kw):
-    return subprocess.run([sys.executable, str(ROOT / "train_curriculum.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=kw.pop("cwd", ROOT), **kw)
-
-
-def write_tiny(tmp_path, **train):
-    cfg = json.loads(json.dumps(TINY))
-    cfg["train"].update(train)
-    path = tmp_path / "tiny.json"
-    path.write_text(json.dumps(cfg))
-    return path
-
-
+@pytest.mark.slow
 def test_script_run_directory_contents(tmp_path):
     cfg_path = write_tiny(tmp_path)
     res = script("--config-path", str(cfg_path), "--run-dir", str(tmp_path / "run"), "--device", "cpu",
@@ -191,6 +137,7 @@ def test_script_run_directory_contents(tmp_path):
     assert again.returncode == 2 and "pass --resume" in again.stderr
 
 
+@pytest.mark.slow
 def test_dry_run_prints_config_and_stage_plan():
     res = script("--config-path", str(ROOT / "tests/fixtures/seed001_celeba32_cs.json"), "--dry-run",
                  "--set", "dataset.name=twoscale", "--set", "dataset.image_size=32",
@@ -201,6 +148,7 @@ def test_dry_run_prints_config_and_stage_plan():
     assert "stage 5 stage5_full_range: t in [0, 999]" in res.stdout and "steps 50..999" in res.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, fragment", [
     (["--config-path", "nope.json"], "config file not found"),
     (["--config-path", "configs/quickstart.json", "--set", "train.lrr=1"], "did you mean 'lr'"),
@@ -214,6 +162,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(args, fragment):
     assert len(res.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_and_wrong_model_are_exit_2(tmp_path):
     cfg_path = write_tiny(tmp_path, steps=6)
     run_dir = tmp_path / "run"
@@ -229,6 +178,7 @@ def test_truncated_checkpoint_and_wrong_model_are_exit_2(tmp_path):
     assert res.returncode == 2 and "truncated" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_finishes(tmp_path):
     cfg_path = write_tiny(tmp_path, steps=100000, log_intv=1, image_intv=0, chkpt_intv=0)
     run_dir = tmp_path / "run"
@@ -264,12 +214,13 @@ def test_ema_follows_the_warmed_up_decay_formula():
                 p.add_(torch.randn_like(p))
         ema.update(model)
         d = min(0.99, (1 + n) / (10 + n))
-        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, model.parameters())]
-    for e, p in zip(expected, ema.model.parameters()):
+        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, model.parameters(), strict=True)]
+    for e, p in zip(expected, ema.model.parameters(), strict=True):
         torch.testing.assert_close(p, e, atol=1e-6, rtol=1e-6)
     assert ema.num_updates == 39
 
 
+@pytest.mark.slow
 def test_load_network_rebuilds_the_model_with_ema_or_raw_weights(tmp_path):
     from ddpm_curriculum.training.checkpoint import load_network
 
@@ -287,6 +238,7 @@ def test_load_network_rebuilds_the_model_with_ema_or_raw_weights(tmp_path):
         load_network(bare)
 
 
+@pytest.mark.slow
 def test_torchrun_two_process_gloo_launch(tmp_path):
     """The real launcher (torchrun, as in README and docs/scaling.md) with 2 CPU processes over gloo."""
     cfg_path = write_tiny(tmp_path, steps=6, num_samples=0)

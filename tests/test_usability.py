@@ -13,8 +13,7 @@ from ddpm_curriculum import dist
 from ddpm_curriculum.errors import run_cli
 from ddpm_curriculum.training import CurriculumTrainer
 from ddpm_curriculum.training.cli import main as train_main
-from tests.test_generate import script
-from tests.test_training import TINY, tiny_cfg
+from .helpers import TINY, run_script as script, tiny_cfg
 
 
 @pytest.fixture
@@ -69,6 +68,7 @@ def test_bad_thread_count_is_one_line(tiny_json, capsys):
     assert capsys.readouterr().err.strip() == "error: --threads 0: need at least 1"
 
 
+@pytest.mark.slow
 def test_progress_bar_keeps_lines_intact_and_shows_stage_and_loss_from_step_one(tmp_path, monkeypatch):
     from ddpm_curriculum.training import trainer as trainer_module
 
@@ -139,6 +139,7 @@ def pruned_twoscale(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_path, extra, expected", [
     ("out", [], "{root}/out is a prune.py output folder, not a run directory; pass {root}/out/pruned.pt"),
     ("google/ddpm-cifar10-32", [], "checkpoint not found: google/ddpm-cifar10-32; a Hugging Face Hub id is not "
@@ -162,6 +163,7 @@ def test_prune_errors_name_the_fix(pruned_twoscale, tmp_path, capsys, model_path
         assert res.returncode == 2 and res.stderr.strip() == "error: " + expected
 
 
+@pytest.mark.slow
 def test_prune_dataset_of_an_imported_network_is_applied(pruned_twoscale, tmp_path):
     from ddpm_curriculum.pruning.cli import main as prune_main
 

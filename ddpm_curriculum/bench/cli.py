@@ -193,7 +193,9 @@ def _mem(res: dict, name: str) -> str:
     m = res.get("memory", {}).get(name, {})
     if "cuda_max_allocated_mb" in m:
         return f"{m['cuda_max_allocated_mb']:.0f} MB cuda"
-    return f"{m['peak_rss_mb']:.0f} MB (+{m['peak_rss_mb'] - m['rss_before_build_mb']:.0f})" if "peak_rss_mb" in m else ""
+    if "peak_rss_mb" not in m:
+        return ""
+    return f"{m['peak_rss_mb']:.0f} MB (+{m['peak_rss_mb'] - m['rss_before_build_mb']:.0f})"
 
 
 TRAIN_TARGETS = {("train", "ours"): ">= 1.25x", ("train", "ours_bf16"): ">= 2.5x"}  # vs diffusers fp32
@@ -234,7 +236,7 @@ def table(results: dict) -> str:
     if "ddim" in results:
         r = results["ddim"]
         diff = r["max_abs_diff_vs_diffusers"]
-        for k, ref in (("ours", "diffusers"), ("diffusers", "ours")):
+        for k, _ref in (("ours", "diffusers"), ("diffusers", "ours")):
             ips = r[f"{k}_img_per_sec"]
             rows.append((f"ddim {r['steps']} steps b{r['batch']}", k, f"{ips:.2f} img/s",
                          f"{ips / r['diffusers_img_per_sec']:.2f}x", ">= 1.0x, overhead < 2%" if k == "ours" else "",
@@ -244,7 +246,8 @@ def table(results: dict) -> str:
         r = results["inception"]
         for k in ("ours", "pytorch_fid"):
             ips = r[f"{k}_img_per_sec"]
-            rows.append((f"inception b{r['batch']}", k, f"{ips:.1f} img/s", f"{ips / r['pytorch_fid_img_per_sec']:.2f}x",
+            rows.append((f"inception b{r['batch']}", k, f"{ips:.1f} img/s",
+                         f"{ips / r['pytorch_fid_img_per_sec']:.2f}x",
                          ">= 1.0x" if k == "ours" else "", _mem(r, k),
                          f"|feature diff| {r['max_abs_feature_diff']:.1e}" if k == "ours" else ""))
     if "fid" in results:
@@ -254,7 +257,7 @@ def table(results: dict) -> str:
                          f"{r['pytorch_fid_sec'] / r[f'{k}_sec']:.1f}x", ">= 5x" if k == "ours" else "", _mem(r, k),
                          f"rel diff {r['rel_diff']:.1e}" if k == "ours" else ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 

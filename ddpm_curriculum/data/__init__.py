@@ -49,7 +49,7 @@ def class_counts(dataset) -> dict[str, int] | None:
     counts = [0] * len(names)
     for label in labels:
         counts[label] += 1
-    return dict(zip(names, counts))
+    return dict(zip(names, counts, strict=True))
 
 
 def build_dataset(name: str, *, root: str | None = None, image_size: int | None = None, split: str = "train",

@@ -130,7 +130,7 @@ class TwoScaleDataset(Dataset):
     def held_out(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The test split's first ``n`` images and labels (never in training, whichever split this is):
         x [n, C, H, W] float32, labels [n] long (k·K2 + j)."""
-        xs, labels = zip(*(self._draw(self.num_samples + i) for i in range(n)))
+        xs, labels = zip(*(self._draw(self.num_samples + i) for i in range(n)), strict=True)
         return torch.stack(xs), torch.tensor(labels)
 
     def minor_subspace(self) -> np.ndarray:

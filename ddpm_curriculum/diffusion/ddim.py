@@ -90,7 +90,7 @@ def ddim_sample(diffusion, model, x_T: torch.Tensor, steps: int, eta: float = 0.
     ``noise_fn()`` → z [B, …] instead when given. See ``ddim_step`` for ``clip_denoised``.
     """
     seq = ddim_timesteps(diffusion.timesteps, steps, skip_type, t_max).tolist()
-    pairs = list(zip(seq, [-1] + seq[:-1]))[::-1]
+    pairs = list(zip(seq, [-1] + seq[:-1], strict=True))[::-1]
     if progress:
         from tqdm.auto import tqdm
         pairs = tqdm(pairs, desc=f"ddim-{steps}", leave=False)

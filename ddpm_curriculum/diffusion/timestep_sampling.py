@@ -91,7 +91,7 @@ def matched_histogram(ranges: list[tuple[int, int]], lengths: list[int], timeste
         raise UserError("matched_histogram needs one positive length per stage range")
     probs = np.zeros(timesteps, dtype=np.float64)
     total = float(sum(lengths))
-    for (lo, hi), length in zip(ranges, lengths):
+    for (lo, hi), length in zip(ranges, lengths, strict=True):
         probs[lo:hi + 1] += length / total / (hi - lo + 1)
     return probs
 

@@ -127,7 +127,7 @@ def format_table(result: dict) -> str:
     if "spectrum_log10_ratio" in result["metrics"]:
         edges = st["spectrum"]["band_edges"]
         bands = "  ".join(f"({lo:.2f},{hi:.2f}] {v:+.3f}" for lo, hi, v in
-                          zip(edges[:-1], edges[1:], result["metrics"]["spectrum_log10_ratio"]))
+                          zip(edges[:-1], edges[1:], result["metrics"]["spectrum_log10_ratio"], strict=True))
         lines.append(f"spectrum log10 ratio per band (r / Nyquist): {bands}")
     if "nll" in st:
         n = st["nll"]

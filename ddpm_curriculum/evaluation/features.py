@@ -52,7 +52,7 @@ def _extract_local(source, model, dims, batch_size, device, keep, progress, desc
             idx = mine[lo:lo + batch_size]
             feats = model(inception_input(source.load(idx), device), dims=(dims,))[dims]  # [B, dims]
             stats.update(feats)
-            kept += [(i, f) for i, f in zip(idx, feats.float().cpu()) if i < keep]
+            kept += [(i, f) for i, f in zip(idx, feats.float().cpu(), strict=True) if i < keep]
             bar.update(len(idx))
     bar.close()
     return stats, kept

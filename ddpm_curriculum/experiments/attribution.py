@@ -35,8 +35,8 @@ from ..sparsity.schedules import stage_active_channels
 from ..training import builders
 from .report import interval_cell
 
-DEFAULT_TS = (450, 100, 50)
-LATE = "late"  # the group key of all channels born after the start  # inside the default data's minor window (t 328–606), and two low t
+DEFAULT_TS = (450, 100, 50)  # inside the default data's minor window (t 328–606), and two low t
+LATE = "late"  # the group key of all channels born after the start
 
 
 def gated_network(net, location: str | None = None):

@@ -12,8 +12,9 @@ Per (arm, seed) run, from its evaluation points (step s_i, value v_i), i = 1..n,
   the value averaged over training, with the same start point (0, ``start``). Points must span the budget.
 * **End value** ("better"): v at the last point (the budget).
 * **Exposure**: how many training samples with t < ``exposure_below``·T the run has drawn up to each point,
-  counted from ``metrics.jsonl`` (``samples_per_t_bin``, recorded by the runner as ``drawn_per_t_bin``). Equal steps are not equal exposure: a curriculum
-  that holds low-noise training back has seen far fewer low-t samples at the same step.
+  counted from ``metrics.jsonl`` (``samples_per_t_bin``, recorded by the runner as ``drawn_per_t_bin``).
+  Equal steps are not equal exposure: a curriculum that holds low-noise training back has seen far fewer
+  low-t samples at the same step.
 
 A contrast "A − B" pairs the runs of A and B by seed, d_s = e(A, s) − e(B, s), and tests mean(d) = 0 with the
 paired Student t-test. Over the m pre-registered contrasts of one endpoint the p-values are Holm-adjusted
@@ -53,7 +54,7 @@ def first_crossing(points: list[tuple[float, float]], threshold: float, budget: 
     pts = _with_start(points, start)
     if pts[0][1] >= threshold:
         return Crossing(pts[0][0], False)
-    for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
+    for (s0, v0), (s1, v1) in zip(pts, pts[1:], strict=False):
         if v1 >= threshold:
             return Crossing(s0 + (threshold - v0) / (v1 - v0) * (s1 - s0), False)
     return Crossing(float(budget), True)
@@ -64,7 +65,7 @@ def mean_over_training(points: list[tuple[float, float]], budget: float, start: 
     pts = _with_start(points, start)
     if pts[-1][0] != budget:
         raise ValueError(f"the last evaluation point is step {pts[-1][0]}, not the budget {budget}")
-    area = sum((s1 - s0) * (v0 + v1) / 2 for (s0, v0), (s1, v1) in zip(pts, pts[1:]))
+    area = sum((s1 - s0) * (v0 + v1) / 2 for (s0, v0), (s1, v1) in zip(pts, pts[1:], strict=False))
     return area / budget
 
 
@@ -108,7 +109,7 @@ def paired_contrasts(pairs: list[tuple[str, dict, dict]], alpha: float = 0.05) -
                 c.p = 2 * stats.t.sf(abs(c.mean) / (sd / math.sqrt(c.n)), c.n - 1)
         out.append(c)
     tested = [c for c in out if c.p is not None]
-    for c, adj in zip(tested, holm_adjust([c.p for c in tested])):
+    for c, adj in zip(tested, holm_adjust([c.p for c in tested]), strict=True):
         c.p_holm = adj
     for rank, c in enumerate(sorted(tested, key=lambda c: c.p)):
         c.level = 1 - alpha / (len(tested) - rank)
@@ -129,7 +130,7 @@ def drawn_per_t_bin(metrics_path: Path, step: int) -> list[int] | None:
             by_step[rec["step"]] = rec["samples_per_t_bin"]
     if not by_step:
         return None
-    return [int(sum(col)) for col in zip(*by_step.values())]
+    return [int(sum(col)) for col in zip(*by_step.values(), strict=False)]
 
 
 def exposure(counts: list[int], below: float) -> int | None:

@@ -180,7 +180,7 @@ def endpoint_values(by_point: dict, ep) -> dict:
         budget = recs[-1]["step"]
 
         def put(name, value):
-            out.setdefault(name, {}).setdefault(arm, {})[seed] = value
+            out.setdefault(name, {}).setdefault(arm, {})[seed] = value  # noqa: B023 (called in this iteration)
 
         curve = [(r["step"], r[ep.t50_metric]) for r in recs if ep.t50_metric in r]
         if curve:
@@ -252,7 +252,7 @@ def endpoint_lines(by_point: dict, grid, arms: list[str]) -> list[str]:
                       f"α = {ep.alpha:g})", "",
                   "| contrast | mean difference | interval | p | p (Holm) | verdict | exposure A / B at the end |",
                   "|---|---|---|---|---|---|---|"]
-        for (a, b), c in zip(grid.contrasts, paired_contrasts(pairs, ep.alpha)):
+        for (a, b), c in zip(grid.contrasts, paired_contrasts(pairs, ep.alpha), strict=True):
             ea = _mean_or_dash([float(v) for v in expo.get(a, {}).values() if v is not None])
             eb = _mean_or_dash([float(v) for v in expo.get(b, {}).values() if v is not None])
             bound = sum(cens.get(a, {}).values()) + sum(cens.get(b, {}).values()) if name.startswith("T50") else 0

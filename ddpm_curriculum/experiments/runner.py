@@ -1,11 +1,11 @@
 """Run an experiment grid: every arm × seed, evaluated at fixed points, resumable, optionally in parallel.
 
-Each run trains in a subprocess of ``train_curriculum.py`` (the exact code users run) and stops at every
-evaluation point with ``--stop-at-step``; the checkpoint written there is scored by ``evaluate.py`` and one
-line per (arm, seed, step) is appended to ``results.jsonl``. Because training resumes exactly, stopping at
-evaluation points changes nothing in the trained weights. A second invocation skips every point already in
-``results.jsonl`` and resumes unfinished runs from their latest checkpoint, so an interrupted grid continues
-where it stopped. Output layout::
+Each run trains in a subprocess of ``python -m ddpm_curriculum.train`` (the exact code ``train_curriculum.py``
+runs) and stops at every evaluation point with ``--stop-at-step``; the checkpoint written there is scored by
+``evaluate.py`` and one line per (arm, seed, step) is appended to ``results.jsonl``. Because training resumes
+exactly, stopping at evaluation points changes nothing in the trained weights. A second invocation skips every
+point already in ``results.jsonl`` and resumes unfinished runs from their latest checkpoint, so an interrupted
+grid continues where it stopped. Output layout::
 
     OUT/results.jsonl          one JSON line per evaluated (arm, seed, step)
     OUT/report.md              mean ± std over seeds, paired differences to the baseline arm, plots
@@ -33,7 +33,9 @@ from .evaluate import evaluate_checkpoint
 from .grid import GridEvalConfig, RunSpec, baseline_arm, eval_settings, expand_runs, load_grid
 from .report import write_report
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train_curriculum.py"
+# The folder holding this ddpm_curriculum (a checkout or site-packages): on the child's path, so that
+# ``-m ddpm_curriculum.train`` runs this same code from any working directory, installed or not.
+PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
 
 def steps_per_epoch(cfg) -> int:
@@ -57,8 +59,10 @@ def _train_until(run: RunSpec, run_dir: Path, step: int, threads: int) -> None:
     args += ["--run-dir", str(run_dir), "--device", "cpu", "--no-progress"]
     if step < total:
         args += ["--stop-at-step", str(step)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    res = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args], capture_output=True, text=True, env=env)
+    path = os.pathsep.join(p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=path)
+    res = subprocess.run([sys.executable, "-m", "ddpm_curriculum.train", *args], capture_output=True, text=True,
+                         env=env)
     if res.returncode != 0:
         last = (res.stderr.strip().splitlines() or ["(no message)"])[-1]
         raise RuntimeError(f"training {run.key} to step {step} failed (exit {res.returncode}): {last}")

@@ -203,7 +203,7 @@ class FIDInceptionV3(nn.Module):
         channels_last = next(self.parameters()).is_contiguous(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         out = {}
-        for block_dim, block in zip(BLOCK_DIMS, self._blocks()):
+        for block_dim, block in zip(BLOCK_DIMS, self._blocks(), strict=True):
             for layer in block:
                 x = layer(x)
             if block_dim in dims:

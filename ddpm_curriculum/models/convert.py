@@ -153,7 +153,7 @@ def to_diffusers_state(sd: dict, levels: int, num_res_blocks: int) -> dict[str, 
     for key, value in sd.items():
         k = diffusers_key(key, levels, num_res_blocks)
         if ".to_qkv." in k:
-            for name, part in zip(("to_q", "to_k", "to_v"), value.chunk(3, dim=0)):
+            for name, part in zip(("to_q", "to_k", "to_v"), value.chunk(3, dim=0), strict=True):
                 out[k.replace("to_qkv", name)] = part.flatten(1) if part.ndim > 1 else part
         else:
             out[k] = value.flatten(1) if ".to_out.0.weight" in k else value
@@ -330,7 +330,7 @@ def unet_kwargs_from_diffusers(conf: dict) -> dict:
         bad.append(f"block_out_channels {channels} (need multiples of the first)")
     head_dim = conf.get("attention_head_dim", 8)
     # Single-head attention everywhere (the middle block always has attention): head_dim = width, or unset.
-    widths = {c for c, a in zip(channels, attn) if a} | set(channels[-1:])
+    widths = {c for c, a in zip(channels, attn, strict=False) if a} | set(channels[-1:])
     if head_dim is not None and widths != {head_dim}:
         bad.append(f"attention_head_dim={head_dim} (need null: single-head attention)")
     if conf.get("out_channels", 3) != conf.get("in_channels", 3):
@@ -353,7 +353,8 @@ def diffusers_unet_config(model: dict, image_size: int) -> dict:
         raise UserError("diffusers' UNet2DModel always resamples with convolutions; set model.resample_with_conv=true")
     conf = {k: need for k, (_, need) in _DIFFUSERS_FIXED.items()}
     conf.update(sample_size=int(image_size), in_channels=int(model["in_channels"]),
-                out_channels=int(model["in_channels"]), block_out_channels=[hid * int(c) for c in model["ch_multipliers"]],
+                out_channels=int(model["in_channels"]),
+                block_out_channels=[hid * int(c) for c in model["ch_multipliers"]],
                 layers_per_block=int(model["num_res_blocks"]), attention_head_dim=None,
                 down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
                 up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],

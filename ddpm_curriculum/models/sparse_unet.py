@@ -203,7 +203,7 @@ class DecoderSparseUNet(_GatedUNet):
         self._init_gates([b.norm1.num_channels for b in self.gated_blocks])
         # bound methods (and partials of them), not closures: deepcopy (the EMA copy) rebinds them
         self.register_forward_pre_hook(self._start_forward)
-        for block, where in zip(self.gated_blocks, self.segment_slices()):
+        for block, where in zip(self.gated_blocks, self.segment_slices(), strict=True):
             block.register_forward_pre_hook(functools.partial(self._gate_input, where))
             block.conv1.register_forward_pre_hook(functools.partial(self._gate_input, where))
 
@@ -218,7 +218,7 @@ class DecoderSparseUNet(_GatedUNet):
         """(parameter, bool mask of its entries) of every up block's entries that read only flagged inputs."""
         channels = channels.to(device=self.channel_mask.device, dtype=torch.bool)
         out = []
-        for block, where in zip(self.gated_blocks, self.segment_slices()):
+        for block, where in zip(self.gated_blocks, self.segment_slices(), strict=True):
             sel = channels[where]
             out += [(block.norm1.weight, sel), (block.norm1.bias, sel), (block.conv1.weight, sel.view(1, -1, 1, 1)),
                     (block.skip.weight, sel.view(1, -1, 1, 1))]

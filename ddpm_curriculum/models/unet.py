@@ -308,7 +308,9 @@ class UNet(nn.Module):
 
     def _block(self, level: int, in_ch: int, out_ch: int) -> TimestepBlock:
         res = ResidualBlock(in_ch, out_ch, self.time_embedding_dim, self.drop_rate, self.norm_eps, self.norm_groups)
-        return ResAttnBlock(res, AttentionBlock(out_ch, self.norm_eps, self.norm_groups)) if self.apply_attn[level] else res
+        if not self.apply_attn[level]:
+            return res
+        return ResAttnBlock(res, AttentionBlock(out_ch, self.norm_eps, self.norm_groups))
 
     def _down_level(self, level: int, skip_channels: list[int]) -> nn.ModuleList:
         """Res blocks ``0..num_res_blocks-1`` then (not at the last level) the downsample; records skips."""

@@ -298,7 +298,7 @@ def figure(results: dict, path: Path) -> str | None:
     measures = [("params_vs_reference", "parameters"), ("nonzeros_vs_reference", "nonzeros"),
                 ("macs_per_image_vs_reference", "MACs / image"), ("latency_vs_reference", "sampling latency")]
     fig, axes = plt.subplots(1, len(measures), figsize=(3.2 * len(measures), 3.2), sharey=True)
-    for ax, (key, title) in zip(axes, measures):
+    for ax, (key, title) in zip(axes, measures, strict=True):
         ax.bar(names, [results["candidates"][n][key] for n in names], color="tab:blue")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_title(title)

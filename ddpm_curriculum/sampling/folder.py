@@ -224,7 +224,8 @@ def _sample_shard(net, spec, indices, seed, batch_size, image_shape, device, sav
                 w = conditioning["guidance"]
             images = to_uint8(sample_batch(net.diffusion, model, spec, batch, seed, image_shape, device,
                                            labels=labels, guidance=w)).numpy()
-            written = {sample_name(i): write_png(save_dir / sample_name(i), image) for i, image in zip(batch, images)}
+            written = {sample_name(i): write_png(save_dir / sample_name(i), image)
+                       for i, image in zip(batch, images, strict=True)}
             journal.write(json.dumps(written) + "\n")  # after the renames: a listed PNG is complete
             journal.flush()
             digests.update(written)

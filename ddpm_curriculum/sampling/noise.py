@@ -52,7 +52,7 @@ class PerImageNoise:
 
     def _draw(self, shape: tuple) -> torch.Tensor:
         out = torch.empty((len(self.generators), *shape), device=self.device, dtype=self.dtype)
-        for row, g in zip(out, self.generators):
+        for row, g in zip(out, self.generators, strict=True):
             row.normal_(generator=g)  # = torch.randn(shape, generator=g): fills the contiguous row
         return out
 

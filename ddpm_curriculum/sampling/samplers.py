@@ -33,7 +33,8 @@ class SamplerSpec:
             if self.skip_type not in DDIM_SKIP_TYPES:
                 raise UserError(f"unknown --skip-type '{self.skip_type}'; choose one of {list(DDIM_SKIP_TYPES)}")
             if not math.isfinite(self.eta) or self.eta < 0:
-                raise UserError(f"--eta {self.eta} is not a finite number ≥ 0; use 0 (deterministic DDIM) … 1 (DDPM-like)")
+                raise UserError(f"--eta {self.eta} is not a finite number ≥ 0; "
+                                f"use 0 (deterministic DDIM) … 1 (DDPM-like)")
             ddim_timesteps(timesteps, self.steps, self.skip_type, self.t_max)  # raises on a bad step count
 
     def num_noise_draws(self, timesteps: int) -> int:

@@ -32,7 +32,7 @@ def stage_notes(cfg) -> list[str]:
         from ..training.builders import make_model
 
         segments = make_model(cfg).gate_segments
-        per_stage = zip(*[stage_active_channels(cfg, c) for c in segments])
+        per_stage = zip(*[stage_active_channels(cfg, c) for c in segments], strict=True)
         return [f"active {sum(k)}/{sum(segments)} decoder input channels ({len(segments)} up blocks)"
                 for k in per_stage]
     if cfg.sparsity.enabled:

@@ -147,7 +147,7 @@ class ChannelSparsity(TrainingExtension):
         """The leading ``counts[j][0]`` channels of every segment j."""
         m = self.model
         active = torch.zeros(m.gated_channels, dtype=torch.bool, device=m.channel_mask.device)
-        for where, counts in zip(m.segment_slices(), self.counts):
+        for where, counts in zip(m.segment_slices(), self.counts, strict=True):
             active[where.start:where.start + counts[0]] = True
         m.channel_mask.copy_(active.float())
         m.channel_birth_stage.copy_(torch.where(active, 0, -1))
@@ -156,7 +156,7 @@ class ChannelSparsity(TrainingExtension):
         m = self.model
         masked = m.channel_mask == 0
         scores, chosen = None, []
-        for where, counts in zip(m.segment_slices(), self.counts):  # each segment regrows its own channels
+        for where, counts in zip(m.segment_slices(), self.counts, strict=True):  # each segment regrows its own channels
             count = counts[stage.index] - int((~masked[where]).sum())
             if count > 0:
                 scores = self.criterion.scores(self, trainer, stage) if scores is None else scores

@@ -80,7 +80,7 @@ def _diff(a, b, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         return [key for k in sorted(set(a) | set(b)) for key in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and any(isinstance(x, dict) for x in a):
-        return [key for i, (x, y) in enumerate(zip(a, b)) for key in _diff(x, y, f"{prefix}{i}.")]
+        return [key for i, (x, y) in enumerate(zip(a, b, strict=True)) for key in _diff(x, y, f"{prefix}{i}.")]
     return [] if a == b else [prefix.rstrip(".")]
 
 
@@ -105,7 +105,8 @@ RESUME_RULES: list[tuple[str, str | None]] = [
     ("train.num_workers", None), ("train.log_intv", None), ("train.num_samples", None),
     ("train.image_intv", None), ("train.chkpt_intv", None), ("train.keep_checkpoints", None),
     ("train.sample_steps", None), ("eval.*", None),
-    ("dataset.root", None), ("dataset.download", None), ("dataset.cache", None), ("dataset.cache_dir", None), ("model.channels_last", None), ("model.compile", None),
+    ("dataset.root", None), ("dataset.download", None), ("dataset.cache", None), ("dataset.cache_dir", None),
+    ("model.channels_last", None), ("model.compile", None),
     ("train.seed", "the data order, timesteps and noise of every step derive from it"),
     ("train.batch_size", "the steps per epoch, the data order and the position in the epoch derive from it"),
     ("train.optimizer", "the checkpoint's optimizer state belongs to the other optimizer"),

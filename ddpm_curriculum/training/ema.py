@@ -31,7 +31,7 @@ class EMA:
         if step % self.update_every:
             return
         if step < self.start_step:
-            for dst, src in zip(self.model.state_dict().values(), model.state_dict().values()):
+            for dst, src in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
                 dst.copy_(src)
             return
         self.update(model)
@@ -44,7 +44,7 @@ class EMA:
         params = [p.detach() for p in model.parameters()]
         # lerp_(end, w) computes self + w·(end − self) = decay·self + (1 − decay)·end.
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+        for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
             b_ema.copy_(b)
 
     def state_dict(self) -> dict:

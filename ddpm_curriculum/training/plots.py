@@ -123,7 +123,7 @@ def _channel_norms(plt, records, path) -> Path:
     cols = math.ceil(math.sqrt(len(layers)))
     rows = math.ceil(len(layers) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 1.9 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, layers):
+    for ax, name in zip(axes.flat, layers, strict=False):
         for rec in records:
             norms = np.asarray(rec["layers"][name]["norms"], dtype=float)
             ax.hist(np.log10(np.maximum(norms, 1e-12)), bins=20, histtype="step", label=rec["stage"])

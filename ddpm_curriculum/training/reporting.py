@@ -65,7 +65,7 @@ class MetricsLog:
 
     def _terms(self, sums: list[float], steps: float) -> dict:
         # every rank adds the same (replicated) term, so the mean divides by the summed step count
-        return {k: v / max(steps, 1) for k, v in zip(self.term_names or [], sums)}
+        return {k: v / max(steps, 1) for k, v in zip(self.term_names or [], sums, strict=True)}
 
     def flush(self, **fields) -> dict | None:
         acc = dist.all_reduce_sum(self.acc.clone()).tolist()
@@ -80,7 +80,8 @@ class MetricsLog:
         rec = dict(fields)
         rec.update(loss=objective / count + sum(terms.values()), mse=mse / count, **terms,
                    grad_norm=gn_sum / max(steps, 1), img_per_sec=count / max(elapsed, 1e-9),
-                   loss_per_t_bin=[s / c if c else None for s, c in zip(acc[5:5 + b], acc[5 + b:5 + 2 * b])],
+                   loss_per_t_bin=[s / c if c else None
+                                   for s, c in zip(acc[5:5 + b], acc[5 + b:5 + 2 * b], strict=True)],
                    samples_per_t_bin=[int(c) for c in acc[5 + b:5 + 2 * b]],
                    steps_in_interval=int(steps / dist.world_size()))
         if self.path is not None:

@@ -511,8 +511,8 @@ class CurriculumTrainer:
         """
         t, sched = self.cfg.train, self.scheduler
         sched.base_lrs = [t.lr] * len(self.optimizer.param_groups)
-        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
-        for group, lr in zip(self.optimizer.param_groups, lrs):
+        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas, strict=True)]
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
             group.update(lr=lr, initial_lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         sched._last_lr = lrs  # what get_last_lr() reports until the next step
 
