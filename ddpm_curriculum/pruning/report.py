@@ -161,7 +161,8 @@ def sampling_peak_rss(path: str, s: Settings) -> dict:
     rss_before = _proc_status_bytes("VmRSS")
     reset = _reset_peak_rss()
     _sampler(net, s)()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    # Linux: the VmHWM reset also resets ru_maxrss, so the process peak is the larger of the two readings
+    peak = max(loaded, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
     hwm = _proc_status_bytes("VmHWM") if reset else None
     return {"maxrss_loaded_bytes": loaded, "maxrss_after_sampling_bytes": peak,
             "sampling_added_bytes": None if hwm is None or rss_before is None else hwm - rss_before}
