@@ -18,16 +18,15 @@ from ddpm_curriculum.sampling.cli import main as generate_main
 from ddpm_curriculum.training import builders
 from ddpm_curriculum.training.checkpoint import load_network
 from ddpm_curriculum.training.sampler import mix_seed
-from .helpers import randomize, run, tiny, tiny_cfg
+from .helpers import randomize, tiny
 
 QUIET = ["--device", "cpu", "--eval-samples", "0", "--preview-samples", "0"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    d = tmp_path_factory.mktemp("trained")
-    run(tiny_cfg("eval.num_samples=0", "train.num_samples=0", "train.steps=6"), d)
-    return d
+def trained(tiny_run):
+    """The session's tiny trained run (tests/conftest.py); every test here only reads it."""
+    return tiny_run
 
 
 @pytest.fixture(scope="module")

@@ -298,14 +298,18 @@ def _report_structured(stats: dict, out: Path, mask_dir=None) -> None:
     if stats["taylor"]:
         print(f"taylor: gradients of t = 0..{stats['taylor']['timesteps_used'] - 1} "
               f"(threshold {stats['taylor']['threshold']})")
-    for when, metrics in (stats["oracle_metrics"] or {}).items():
-        if metrics:
-            print(f"oracle metrics {when}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                                        if k != "num_samples"))
+    _print_oracle_metrics(stats)
     print(f"wrote {out}/pruned.pt (a smaller network; model.widths in its config), pruning_stats.json")
 
 
 REPORTS = {"structured": _report_structured}
+
+
+def _print_oracle_metrics(stats: dict) -> None:
+    for when, metrics in (stats["oracle_metrics"] or {}).items():
+        if metrics:
+            print(f"oracle metrics {when}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                                        if k != "num_samples"))
 
 
 def _report(stats: dict, out: Path, mask_dir=None) -> None:
@@ -322,9 +326,6 @@ def _report(stats: dict, out: Path, mask_dir=None) -> None:
     if ex.get("file"):
         print(f"compact {t['n']}:{t['m']} export {ex['file']}: {ex['compact_bytes']:,} bytes = "
               f"{100 * ex['compact_over_dense']:.1f}% of the dense {ex['dense_bytes']:,}")
-    for when, metrics in (stats["oracle_metrics"] or {}).items():
-        if metrics:
-            print(f"oracle metrics {when}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                                        if k != "num_samples"))
+    _print_oracle_metrics(stats)
     print(f"wrote {out}/pruned.pt, masks.pt, pruning_stats.json"
           + (f"; {len(stats['layers'])} mask files in {mask_dir}" if mask_dir else ""))
