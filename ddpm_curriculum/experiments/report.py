@@ -28,7 +28,7 @@ METRICS = [
     ("fid", -1), ("fd_classifier", -1), ("kid_classifier", -1), ("nll_bpd", -1), ("spectrum_high_error", -1),
 ]
 KEY_METRICS = ("val_loss", "val_loss_low_t", "minor_present", "minor_amplitude", "major_present",
-               "residual_ratio", "fid")
+               "residual_ratio", "fid", "nll_bpd", "fd_classifier", "kid_classifier", "spectrum_high_error")
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
