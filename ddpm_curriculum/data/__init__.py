@@ -59,8 +59,9 @@ def build_dataset(name: str, *, root: str | None = None, image_size: int | None 
     """Instantiate a dataset by name (see ``DATASETS``; ``celeba32``/``celeba64`` fix the size).
 
     ``split`` is the train/test split of cifar10, celeba and twoscale; an image folder reads ``root/folder_split``
-    (``dataset.split``) instead, with ``labels`` from its subfolders or none. ``cache``: decoded-image cache of
-    image folders and CelebA (``cache.py``)."""
+    (``dataset.split``) instead, with ``labels`` from its subfolders or none, except that the held-out split of a
+    ``train``/``test`` tree is ``root/test``: ``split="test"`` with ``dataset.split = "train"`` reads it.
+    ``cache``: decoded-image cache of image folders and CelebA (``cache.py``)."""
     name, size = _resolve(name, image_size)
     flip = random_flip if random_flip is not None else name != "twoscale"
     if name == "twoscale":
@@ -69,6 +70,8 @@ def build_dataset(name: str, *, root: str | None = None, image_size: int | None 
         return CIFAR10(root, split=split, random_flip=flip, download=download)
     if name == "celeba":
         return CelebA(root, image_size=size, split=split, random_flip=flip, cache=cache, cache_dir=cache_dir)
+    if split == "test" and folder_split == "train":
+        folder_split = "test"  # evaluation's held-out images are the tree's test/ half, never the training images
     return ImageFolder(root, size, random_flip=flip, labels=labels, split=folder_split, cache=cache,
                        cache_dir=cache_dir)
 

@@ -110,14 +110,23 @@ class NpzImages:
         return self.array[np.asarray(indices, dtype=np.int64)]
 
 
+def evenly_spaced(total: int, count: int) -> list[int]:
+    """``count`` indices spread evenly over ``0 … total−1`` (all of them when ``count >= total``): a subset of a
+    dataset stored class by class (an image folder's sorted class subfolders) then still covers every class."""
+    count = min(count, total)
+    return [i * total // count for i in range(count)]
+
+
 class DatasetImages:
-    """A configured dataset's images, quantised to uint8 as saved samples are (``--dataset-config``)."""
+    """A configured dataset's images, quantised to uint8 as saved samples are (``--dataset-config``); with
+    ``limit`` < the dataset's size, ``limit`` images evenly spaced over it (``evenly_spaced``)."""
 
     def __init__(self, cfg, split: str = "train", limit: int | None = None):
         from ..training.builders import make_dataset
 
         self.dataset = make_dataset(cfg, split)
         self.count = len(self.dataset) if limit is None else min(limit, len(self.dataset))
+        self.indices = evenly_spaced(len(self.dataset), self.count)
         c, h, w = self.dataset[0][0].shape
         self.shape = (h, w, c)
         self.description = f"dataset {cfg.dataset.name} ({split} split)"
@@ -130,7 +139,7 @@ class DatasetImages:
 
         from ..sampling import to_uint8
 
-        return to_uint8(torch.stack([self.dataset[int(i)][0] for i in indices])).numpy()
+        return to_uint8(torch.stack([self.dataset[self.indices[int(i)]][0] for i in indices])).numpy()
 
 
 def open_images(path: str | Path):

@@ -5,8 +5,8 @@ seed is scored on the same held-out images, timesteps, noise and initial sample 
 checkpoints are differences between networks.
 
 - ``val_loss``: the unweighted per-sample training loss (ε-MSE for ε-prediction) of the EMA network on
-  ``val_samples`` held-out images (the dataset's ``test`` split), t uniform over 0..T−1; ``val_loss_low_t``
-  and ``val_loss_high_t`` are its means over t < 0.2·T (fine detail, the curriculum's last stage) and
+  ``val_samples`` held-out images evenly spaced over the dataset's ``test`` split, t uniform over 0..T−1;
+  ``val_loss_low_t`` and ``val_loss_high_t`` are its means over t < 0.2·T (fine detail, the curriculum's last stage) and
   t ≥ 0.8·T (the curriculum's first stage). Lower is better; it is the quantity training minimises, so it
   is the low-variance signal.
 - ``tki_<t>`` / ``tki_mse_<t>`` (twoscale): the template-knowledge index at each of ``settings.tki_t`` on the
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ..evaluation.sources import evenly_spaced
 from ..training import builders
 from ..training.checkpoint import load_network
 from ..training.reporting import eval_samples
@@ -46,14 +47,15 @@ def validation_losses(net, settings: GridEvalConfig, device, batch_size: int = 2
     """Held-out denoising loss overall and in the low-t / high-t regimes (see the module docstring)."""
     cfg, diffusion, model = net.config, net.diffusion, net.model
     test = builders.make_dataset(cfg, split="test")
-    n = min(settings.val_samples, len(test))
+    picks = evenly_spaced(len(test), settings.val_samples)
+    n = len(picks)
     g = torch.Generator().manual_seed(settings.seed)
     T = diffusion.timesteps
     t = torch.randint(0, T, (n,), generator=g)
     losses = []
     for lo in range(0, n, batch_size):
         idx = range(lo, min(n, lo + batch_size))
-        x0 = torch.stack([test[i][0] for i in idx])
+        x0 = torch.stack([test[picks[i]][0] for i in idx])
         noise = torch.randn(x0.shape, generator=g)
         losses.append(diffusion.training_losses(model, x0.to(device), t[lo:lo + len(idx)].to(device),
                                                 noise.to(device)).double().cpu())
