@@ -290,12 +290,13 @@ class ExtraEvalOptions:
     metrics: list[str] = opt([], "Opt-in metrics: any of `nll` (bits/dim bound on the test split), `spectrum` "
                              "(radial power spectrum vs the train split), `fd_classifier` (Fréchet distance + KID "
                              "in `feature_net`'s features; not FID); [] = none.")
-    nll_samples: int = opt(256, "nll: the first N test images.", lo=1)
+    nll_samples: int = opt(256, "nll: N test images, evenly spaced over the split.", lo=1)
     nll_timesteps: int = opt(50, "nll: network evaluations per image K (decoder + K−1 stratified KL terms, "
                              "unbiased; capped at T, where it is exact).", lo=2)
     spectrum_bands: int = opt(6, "spectrum: equal-width radial frequency bands up to Nyquist.", lo=1)
     feature_net: str | None = opt(None, "fd_classifier: weights file of scripts/train_feature_net.py.")
-    ref_samples: int = opt(5000, "spectrum / fd_classifier: the first N training images as the reference.", lo=2)
+    ref_samples: int = opt(5000, "spectrum / fd_classifier: N training images, evenly spaced over the split, "
+                                 "as the reference.", lo=2)
 
 
 @dataclass

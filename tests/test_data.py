@@ -203,3 +203,27 @@ def test_shapes_without_touching_the_disk():
         dataset_image_shape("image_folder")
     with pytest.raises(UserError, match="32x32"):
         dataset_image_shape("celeba32", image_size=64)
+
+
+def test_held_out_images_of_a_train_test_tree_are_its_test_half_and_subsets_cover_every_class(tmp_path):
+    """Evaluation asks for split "test": a tree with dataset.split = "train" must give its test/ images (not the
+    training ones), and a subset of a class-sorted folder must not be the first class only."""
+    from ddpm_curriculum.config import config_from_dict
+    from ddpm_curriculum.evaluation.sources import DatasetImages, evenly_spaced
+    from ddpm_curriculum.training.builders import make_dataset
+
+    for split, n, base in (("train", 4, 0), ("test", 2, 128)):
+        for k, name in enumerate(("a", "b", "c")):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(n):  # one gray level per (split, class)
+                Image.fromarray(np.full((8, 8, 3), base + 40 * k, np.uint8)).save(tmp_path / split / name / f"{i}.png")
+    cfg = config_from_dict({"dataset": {"name": "image_folder", "root": str(tmp_path), "split": "train",
+                                        "labels": "subfolders", "image_size": 8}, "train": {"epochs": 1}})
+    assert len(make_dataset(cfg, "train")) == 12 and len(make_dataset(cfg, "test")) == 6
+
+    def levels(src):
+        return sorted(int(v) for v in src.load(range(len(src)))[:, 0, 0, 0])
+
+    assert levels(DatasetImages(cfg, "test")) == [128, 128, 168, 168, 208, 208]
+    assert levels(DatasetImages(cfg, "train", 3)) == [0, 40, 80]  # one per class, not three of class a
+    assert evenly_spaced(12, 3) == [0, 4, 8] and evenly_spaced(5, 9) == [0, 1, 2, 3, 4]

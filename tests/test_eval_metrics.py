@@ -220,3 +220,27 @@ def test_eval_json_of_a_run_has_the_opt_in_metrics_and_bad_names_are_refused(tmp
         tiny_cfg("eval.metrics=[\"fid\"]")
     with pytest.raises(UserError, match="'eval.feature_net' is null"):
         tiny_cfg("eval.metrics=[\"fd_classifier\"]")
+
+
+def test_real_image_floor_scores_held_out_images_as_samples(feature_net):
+    """run_experiments.py --floor: the test split's images go through the same metric code as samples, against
+    the same training reference; smooth real images score far below white noise."""
+    from ddpm_curriculum.config import config_from_dict
+    from ddpm_curriculum.evaluation.sources import DatasetImages
+    from ddpm_curriculum.experiments.evaluate import real_image_floor
+    from ddpm_curriculum.experiments.grid import GridEvalConfig
+    from ddpm_curriculum.metrics.feature_net import fd_kid, local_features
+
+    root = feature_net[1]
+    cfg = config_from_dict({"dataset": {"name": "image_folder", "root": str(root), "split": "train",
+                                        "labels": "subfolders", "image_size": 8}, "train": {"epochs": 1}})
+    settings = GridEvalConfig(num_samples=6, metrics=["nll", "spectrum", "fd_classifier"], spectrum_bands=3,
+                              feature_net=str(feature_net[0]), ref_samples=40)
+    floor = real_image_floor(cfg, settings)
+    held_out, ref = DatasetImages(cfg, "test", 6), DatasetImages(cfg, "train", 40)
+    assert floor["num_images"] == 6 and "nll_bpd" not in floor
+    want = compare_spectra(spectrum_stats(held_out, 3), spectrum_stats(ref, 3))
+    assert floor["spectrum_high_error"] == pytest.approx(want["spectrum_high_error"], rel=1e-9)
+    net, _ = load_feature_net(feature_net[0])
+    (fs, fk), (rs, rk) = local_features(net, held_out), local_features(net, ref)
+    assert floor["fd_classifier"] == pytest.approx(fd_kid(fs, fk, rs, rk)["fd_classifier"], rel=1e-6)

@@ -1,6 +1,7 @@
 """Experiment runner: grid parsing, statistics against scipy, end-to-end quick grid, resumability."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -165,3 +166,31 @@ def test_a_run_that_fails_midway_keeps_its_finished_points(tmp_path, monkeypatch
     monkeypatch.setattr(runner_module, "evaluate_checkpoint", original)
     again = run_grid(grid_path, out, log=lambda *_: None)  # continues: scores only the missing point
     assert sorted(r["step"] for r in again if "error" not in r) == [3, 6]
+
+
+@pytest.mark.slow
+def test_cifar10_small_grid_quick_mode_on_a_class_folder_tree(tmp_path):
+    """configs/experiments/cifar10_small.json --quick on a tiny train/test class tree (IMAGE_FOLDER_PATH): every
+    arm trains and gets bits/dim and the spectrum error; --floor scores the held-out images into the report."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 6)):
+        for name in ("a", "b"):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / name / f"{i}.png")
+    grid = ROOT / "configs/experiments/cifar10_small.json"
+    env = {**os.environ, "IMAGE_FOLDER_PATH": str(tmp_path / "data"), "OMP_NUM_THREADS": "1"}
+    for extra in ([], ["--floor"]):
+        res = subprocess.run([sys.executable, str(ROOT / "scripts/run_experiments.py"), str(grid), "--quick",
+                              "--out", str(tmp_path / "out"), *extra], capture_output=True, text=True,
+                             timeout=600, cwd=ROOT, env=env)
+        assert res.returncode == 0, res.stderr[-2000:]
+    recs = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert sorted({r["arm"] for r in recs}) == ["C", "anti", "baseline"] and not any("error" in r for r in recs)
+    assert all(np.isfinite(r["nll_bpd"]) and r["spectrum_high_error"] >= 0 for r in recs)
+    floor = json.loads((tmp_path / "out" / "floor.json").read_text())
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert floor["num_images"] == 8 and "## Floor: 8 held-out real images" in report

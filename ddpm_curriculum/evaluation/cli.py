@@ -27,7 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ref.add_argument("--dataset", help="shorthand for a dataset with default settings, e.g. cifar10")
     p.add_argument("--ref-split", help="dataset split: train (default) or test; for nll without a reference, "
                                        "the split of the checkpoint's dataset (default test)")
-    p.add_argument("--ref-samples", type=int, help="dataset references: only the first N images (default all)")
+    p.add_argument("--ref-samples", type=int, help="dataset references: only N images, evenly spaced over "
+                                                    "the split (default all)")
     p.add_argument("--save-stats", metavar="OUT.npz", help="write mu, sigma (+ features, num_images) of the "
                                                            "reference folder/dataset, else of the samples")
     p.add_argument("--metrics", nargs="+", metavar="M",

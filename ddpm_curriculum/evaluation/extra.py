@@ -3,8 +3,8 @@
 
 Both config sections (``eval`` of a run, ``eval`` of a grid) carry the same keys: ``metrics`` (a list of
 these names; empty = none), ``nll_samples``, ``nll_timesteps``, ``spectrum_bands``, ``feature_net`` and
-``ref_samples``. References: the run's dataset — its ``test`` split (first ``nll_samples`` images) for the
-bound, its ``train`` split (first ``ref_samples`` images) for the sample metrics.
+``ref_samples``. References: the run's dataset — its ``test`` split (``nll_samples`` images) for the
+bound, its ``train`` split (``ref_samples`` images) for the sample metrics, each evenly spaced over the split.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def default_cache_dir() -> Path:
 def dataset_cache_path(cache_dir: Path, cfg, split: str, limit: int | None, dims: int, keep: int,
                        weights_id: str) -> Path:
     key = {"dataset": cfg.to_dict()["dataset"], "split": split, "limit": limit, "dims": dims, "keep": keep,
-           "weights": weights_id}
+           "weights": weights_id, "subset": "evenly_spaced"}  # a limit picks evenly spaced images (not the first N)
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cache_dir) / f"{cfg.dataset.name}-{split}-d{dims}-{digest}.npz"
 

@@ -19,9 +19,9 @@ checkpoints are differences between networks.
 - Samples: images 0 … num_samples−1 exactly as ``generate.py --seed <eval seed>`` makes them (DDIM, η = 0,
   or ancestral), quantised like saved PNGs, scored with the twoscale oracle metrics when the dataset is
   twoscale, and with FID (eval.py's code) when the grid's ``eval.fid_ref`` names a reference.
-- Opt-in (``eval.metrics``, evaluation/extra.py): ``nll_*`` (bits/dim bound on the first ``nll_samples`` test
+- Opt-in (``eval.metrics``, evaluation/extra.py): ``nll_*`` (bits/dim bound on ``nll_samples`` test
   images, ``nll_timesteps`` stratified terms, seeded by the eval seed), ``spectrum_*`` (the samples' radial
-  power spectrum against the first ``ref_samples`` training images) and ``fd_classifier`` / ``kid_classifier``
+  power spectrum against ``ref_samples`` training images; both evenly spaced) and ``fd_classifier`` / ``kid_classifier``
   (in ``feature_net``'s features; not FID).
 """
 
@@ -140,6 +140,22 @@ def template_knowledge(net, settings: GridEvalConfig, device) -> dict[str, float
     tki = template_knowledge_index(net.model, net.diffusion, dataset, ts, settings.tki_samples, settings.seed,
                                    device=device)
     return {f"{key}_{t}": v[key] for t, v in tki.items() for key in ("tki", "tki_mse")}
+
+
+def real_image_floor(cfg, settings: GridEvalConfig, device="cpu") -> dict:
+    """The sample metrics' floor: ``settings.num_samples`` held-out real images (evenly spaced over the test
+    split, quantised like samples) scored exactly as a network's samples are, against the same reference. A
+    perfect generator scores this, not 0: FD and the spectrum error of a finite sample are biased upwards.
+    Metrics without samples (``nll``) are skipped."""
+    from ..evaluation.extra import EXTRA_METRICS, extra_metrics
+    from ..evaluation.sources import DatasetImages
+
+    held_out = DatasetImages(cfg, "test", settings.num_samples)
+    images = torch.from_numpy(held_out.load(range(len(held_out))))
+    sampled = [m for m in settings.metrics if EXTRA_METRICS[m][1]]
+    settings = type(settings)(**{**settings.__dict__, "metrics": sampled})
+    return {"num_images": len(held_out),
+            **extra_metrics(settings, cfg, None, torch.nn.Identity(), images, settings.seed, device)}
 
 
 def evaluate_checkpoint(path: str | Path, settings: GridEvalConfig, device="cpu") -> dict:

@@ -267,6 +267,22 @@ def endpoint_lines(by_point: dict, grid, arms: list[str]) -> list[str]:
     return lines + [""]
 
 
+def floor_lines(path: Path) -> list[str]:
+    """The report section of ``floor.json`` (none when it does not exist)."""
+    import json
+
+    if not path.exists():
+        return []
+    floor = json.loads(path.read_text())
+    names = [m for m, _ in METRICS if m in floor]
+    return [f"## Floor: {floor['num_images']} held-out real images scored as samples", "",
+            "What a perfect generator scores with this sample count and reference (finite-sample bias; "
+            "`run_experiments.py --floor`, `experiments/evaluate.py: real_image_floor`). Differences between arms "
+            "smaller than the distance to this floor are not resolved by these metrics.", "",
+            "| " + " | ".join(names) + " |", "|---" * len(names) + "|",
+            "| " + " | ".join(_fmt(floor[m]) for m in names) + " |", ""]
+
+
 def write_report(records: list[dict], grid, base: str, out_dir: Path, quick: bool = False,
                  command: str | None = None, extra: list[str] = ()) -> Path:
     """Write ``report.md`` (and ``plots/*.png`` when matplotlib is installed); returns the report path.
