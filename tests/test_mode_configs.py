@@ -49,7 +49,7 @@ def test_required_configs_exist_and_the_twoscale_family_shares_one_budget():
         assert {k: v for k, v in cfg.items() if k != "curriculum"} == \
             {k: v for k, v in small["baseline"].items() if k != "curriculum"}, name
     c, anti = small["c"]["curriculum"]["stages"], small["anti"]["curriculum"]["stages"]
-    assert [(s["steps"], s["t_max"]) for s in anti] == [(s["steps"], 1 - s["t_min"]) for s in c]
+    assert [(s["steps"], s["t_max"]) for s in anti] == [(s["steps"], pytest.approx(1 - s["t_min"])) for s in c]
     assert sum(s["steps"] for s in c) == small["baseline"]["train"]["steps"]
     assert family["c"]["curriculum"]["stages"] == family["cs"]["curriculum"]["stages"] \
         == family["cr"]["curriculum"]["stages"] == family["matched"]["curriculum"]["stages"]
