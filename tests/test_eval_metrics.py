@@ -224,7 +224,7 @@ def test_eval_json_of_a_run_has_the_opt_in_metrics_and_bad_names_are_refused(tmp
 
 def test_real_image_floor_scores_held_out_images_as_samples(feature_net):
     """run_experiments.py --floor: the test split's images go through the same metric code as samples, against
-    the same training reference; smooth real images score far below white noise."""
+    the same training reference."""
     from ddpm_curriculum.config import config_from_dict
     from ddpm_curriculum.evaluation.sources import DatasetImages
     from ddpm_curriculum.experiments.evaluate import real_image_floor

@@ -27,6 +27,7 @@ checkpoints are differences between networks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -153,7 +154,7 @@ def real_image_floor(cfg, settings: GridEvalConfig, device="cpu") -> dict:
     held_out = DatasetImages(cfg, "test", settings.num_samples)
     images = torch.from_numpy(held_out.load(range(len(held_out))))
     sampled = [m for m in settings.metrics if EXTRA_METRICS[m][1]]
-    settings = type(settings)(**{**settings.__dict__, "metrics": sampled})
+    settings = dataclasses.replace(settings, metrics=sampled)
     return {"num_images": len(held_out),
             **extra_metrics(settings, cfg, None, torch.nn.Identity(), images, settings.seed, device)}
 
