@@ -209,7 +209,8 @@ def test_held_out_images_of_a_train_test_tree_are_its_test_half_and_subsets_cove
     """Evaluation asks for split "test": a tree with dataset.split = "train" must give its test/ images (not the
     training ones), and a subset of a class-sorted folder must not be the first class only."""
     from ddpm_curriculum.config import config_from_dict
-    from ddpm_curriculum.evaluation.sources import DatasetImages, evenly_spaced
+    from ddpm_curriculum.data import evenly_spaced
+    from ddpm_curriculum.evaluation.sources import DatasetImages
     from ddpm_curriculum.training.builders import make_dataset
 
     for split, n, base in (("train", 4, 0), ("test", 2, 128)):

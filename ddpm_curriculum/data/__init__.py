@@ -52,6 +52,13 @@ def class_counts(dataset) -> dict[str, int] | None:
     return dict(zip(names, counts, strict=True))
 
 
+def evenly_spaced(total: int, count: int) -> list[int]:
+    """``count`` indices spread evenly over ``0 … total−1`` (all of them when ``count >= total``): a subset of a
+    dataset stored class by class (an image folder's sorted class subfolders) then still covers every class."""
+    count = min(count, total)
+    return [i * total // count for i in range(count)]
+
+
 def build_dataset(name: str, *, root: str | None = None, image_size: int | None = None, split: str = "train",
                   random_flip: bool | None = None, download: bool = False, labels: str = "none",
                   folder_split: str | None = None, cache: bool = False, cache_dir: str | None = None,
@@ -76,5 +83,5 @@ def build_dataset(name: str, *, root: str | None = None, image_size: int | None 
                        cache_dir=cache_dir)
 
 
-__all__ = ["DATASETS", "build_dataset", "class_names", "class_counts", "dataset_image_shape", "TwoScaleDataset",
-           "CIFAR10", "CelebA", "ImageFolder"]
+__all__ = ["DATASETS", "build_dataset", "evenly_spaced", "class_names", "class_counts", "dataset_image_shape",
+           "TwoScaleDataset", "CIFAR10", "CelebA", "ImageFolder"]

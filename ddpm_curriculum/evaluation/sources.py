@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from ..data import evenly_spaced
 from ..data.images import IMAGE_ERRORS, IMAGE_EXTENSIONS
 from ..errors import UserError
 
@@ -108,13 +109,6 @@ class NpzImages:
 
     def load(self, indices: Sequence[int]) -> np.ndarray:
         return self.array[np.asarray(indices, dtype=np.int64)]
-
-
-def evenly_spaced(total: int, count: int) -> list[int]:
-    """``count`` indices spread evenly over ``0 … total−1`` (all of them when ``count >= total``): a subset of a
-    dataset stored class by class (an image folder's sorted class subfolders) then still covers every class."""
-    count = min(count, total)
-    return [i * total // count for i in range(count)]
 
 
 class DatasetImages:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ..evaluation.sources import evenly_spaced
+from ..data import evenly_spaced
 from ..training import builders
 from ..training.checkpoint import load_network
 from ..training.reporting import eval_samples
