@@ -156,6 +156,9 @@ class TrainConfig:
     seed: int = opt(0, "Seed of initialisation, data order, timesteps and noise.", lo=0, hi=MAX_SEED)
     num_workers: int = opt(0, "DataLoader worker processes per rank.", lo=0)
     log_intv: int = opt(50, "Steps between `metrics.jsonl` lines.", lo=1)
+    tensorboard: bool = opt(False, "Also write each `metrics.jsonl` line's numeric fields as TensorBoard "
+                            "scalars at its step, to `<run_dir>/tensorboard/` (rank 0; needs the "
+                            "`tensorboard` extra).")
     num_samples: int = opt(64, "Images in each sample grid (fixed noise).", lo=0)
     image_intv: int = opt(1, "Epochs between sample grids (grids are also made at every stage end); "
                           "0 = only at stage ends.", lo=0)
@@ -308,6 +311,10 @@ class EvalConfig(ExtraEvalOptions):
 
 @dataclass
 class Config:
+    mode: str | None = opt(None, "Training mode from the `MODES` registry (ddpm_curriculum/modes): `baseline`, `C`, "
+                           "`CS`, `CR`, `prune`. Given, it sets its sections' `enabled` switches (`CS`: "
+                           "curriculum and sparsity on, …); null = derived from those switches (the seeds' "
+                           "configs). Resolved configs record the mode in force.")
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -318,22 +325,13 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     maskpro: MaskProConfig = field(default_factory=MaskProConfig)
 
-    @property
-    def mode(self) -> str:
-        """Training mode derived from the sections: baseline, C, CS, CR or prune."""
-        if self.maskpro.enabled:
-            return "prune"
-        if not self.curriculum.enabled:
-            return "baseline"
-        if self.sparsity.enabled:
-            return "CS"
-        if self.regularization.enabled:
-            return "CR"
-        return "C"
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+# Keys of Config that are values, not sections (``mode``).
+TOP_LEVEL_KEYS = tuple(f.name for f in dataclasses.fields(Config) if not dataclasses.is_dataclass(f.type)
+                       and f.default_factory is dataclasses.MISSING)
 
 # ----------------------------------------------------------------------------------- parsing
 
@@ -456,7 +454,9 @@ def config_from_dict(raw: dict, overrides: list[str] | tuple = ()) -> Config:
     raw = _normalise(json.loads(json.dumps(raw)))
     for item in overrides:
         apply_override(raw, item)
-    cfg = _build(Config, raw, "")
+    from .modes import apply_mode_key  # the registry of modes sits above this module
+
+    cfg = _build(Config, apply_mode_key(raw), "")
     validate(cfg)
     return cfg
 
@@ -542,6 +542,9 @@ def apply_override(raw: dict, item: str) -> None:
         raise UserError(f"--set expects section.key=value, got {item!r}")
     dotted, text = item.split("=", 1)
     keys = dotted.strip().split(".")
+    if keys in ([k] for k in TOP_LEVEL_KEYS):  # a key of no section, e.g. --set mode=CS
+        raw[keys[0]] = parse_override_value(text)
+        return
     if len(keys) < 2 or not all(keys):
         raise UserError(f"--set expects section.key=value, got {item!r}")
     node = raw
@@ -595,13 +598,10 @@ def validate(cfg: Config) -> None:
         raise UserError(f"'diffusion.beta_start' = {cfg.diffusion.beta_start} exceeds "
                         f"'diffusion.beta_end' = {cfg.diffusion.beta_end}")
     _validate_stages(cfg)
-    if cfg.sparsity.enabled and cfg.regularization.enabled:
-        raise UserError("'sparsity.enabled' and 'regularization.enabled' are both true; "
-                        "pick one mode (CS or CR)")
-    if (cfg.sparsity.enabled or cfg.regularization.enabled) and not cfg.curriculum.enabled:
-        raise UserError("modes CS and CR follow the curriculum stages; set 'curriculum.enabled' to true")
+    from .modes import resolve_mode
+
+    resolve_mode(cfg)  # the one mode the switches select, and that mode's own checks
     _validate_variants(cfg)
-    _validate_maskpro(cfg)
     _validate_conditioning(cfg)
     validate_extra_eval(cfg.eval, "eval")
 
@@ -630,9 +630,7 @@ def validate_extra_eval(ev: ExtraEvalOptions, key: str, where: str = "") -> None
 
 
 def _validate_variants(cfg: Config) -> None:
-    """Curriculum variants (pacing, matched sampler) and the CS/CR per-stage schedules."""
-    from .sparsity.schedules import stage_active_channels, stage_lambdas
-
+    """Curriculum variants: pacing and the matched sampler."""
     cur = cfg.curriculum
     if cur.sampler == "matched_histogram" and cur.enabled:
         raise UserError("'curriculum.sampler' = 'matched_histogram' is a baseline control: set "
@@ -640,24 +638,6 @@ def _validate_variants(cfg: Config) -> None:
     if cur.pacing == "patience" and not cur.enabled:
         raise UserError("'curriculum.pacing' = 'patience' paces curriculum stages; set 'curriculum.enabled' "
                         "to true or use pacing 'fixed'")
-    if cfg.sparsity.enabled:
-        stage_active_channels(cfg)  # raises on a bad schedule
-        if cfg.sparsity.location == "decoder" and cfg.sparsity.regrowth_method in ("weight_gradient", "gradient"):
-            raise UserError(f"'sparsity.regrowth_method' = '{cfg.sparsity.regrowth_method}' reads the bottleneck's "
-                            f"weights; with 'sparsity.location' = 'decoder' use gate_gradient or random")
-    if cfg.regularization.enabled:
-        stage_lambdas(cfg)
-
-
-def _validate_maskpro(cfg: Config) -> None:
-    mp = cfg.maskpro
-    if not mp.enabled:
-        return
-    if cfg.sparsity.enabled or cfg.regularization.enabled:
-        raise UserError("'maskpro.enabled' (mode prune) cannot be combined with 'sparsity.enabled' or "
-                        "'regularization.enabled'; set those to false")
-    if mp.n >= mp.m:
-        raise UserError(f"'maskpro.n' = {mp.n} must be smaller than 'maskpro.m' = {mp.m} (e.g. 2:4)")
 
 
 def _validate_stages(cfg: Config) -> None:
@@ -688,6 +668,14 @@ def _validate_stages(cfg: Config) -> None:
 # ----------------------------------------------------------------------------------- docs
 
 
+def _doc_row(f: dataclasses.Field) -> str:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    doc = f.metadata.get("doc", "")
+    if f.metadata.get("choices"):
+        doc += " One of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + "."
+    return f"| `{f.name}` | `{json.dumps(default)}` | {doc} |"
+
+
 def config_markdown() -> str:
     """Markdown reference of every config key with its default and meaning (docs/config.md)."""
     lines = ["# Config reference", "",
@@ -695,16 +683,13 @@ def config_markdown() -> str:
              "Keys starting with `_` are comments. `\"dataset\": \"celeba32\"` is shorthand for "
              "`\"dataset\": {\"name\": \"celeba32\"}`. Override any key from the command line with "
              "`--set section.key=value` (JSON values; `--set curriculum.stages.0.epochs=2` indexes lists).", ""]
-    sections = [(f.name, f.default_factory) for f in dataclasses.fields(Config)]
+    lines += ["## top level", "", "| key | default | meaning |", "|---|---|---|"]
+    lines += [_doc_row(f) for f in dataclasses.fields(Config) if f.name in TOP_LEVEL_KEYS] + [""]
+    sections = [(f.name, f.default_factory) for f in dataclasses.fields(Config) if f.name not in TOP_LEVEL_KEYS]
     sections.insert(sections.index(("curriculum", CurriculumConfig)) + 1, ("curriculum.stages[]", StageConfig))
     for name, cls in sections:
         lines += [f"## `{name}`", "", "| key | default | meaning |", "|---|---|---|"]
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            doc = f.metadata.get("doc", "")
-            if f.metadata.get("choices"):
-                doc += " One of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + "."
-            lines.append(f"| `{f.name}` | `{json.dumps(default)}` | {doc} |")
+        lines += [_doc_row(f) for f in dataclasses.fields(cls)]
         aliases = KEY_ALIASES.get(cls.__name__)
         if aliases:
             lines += ["", "Aliases: " + ", ".join(f"`{a}` = `{k}`" for a, k in aliases.items()) + "."]

@@ -1,14 +1,16 @@
 """Importers: diffusers UNet2DModel folders (safetensors and .bin, plain and pipeline layouts) and ddpm-torch
-checkpoints load into the project's UNet with the same outputs; the safetensors reader against the library;
-unsupported layouts are one-line errors naming the keys that did not map."""
+checkpoints load into the project's UNet with the same outputs; the safetensors reader against the library, and
+the library used when installed with the reader as its fallback (same tensors); unsupported layouts are one-line
+errors naming the keys that did not map."""
 
 import json
+import sys
 
 import pytest
 import torch
 
 from ddpm_curriculum.errors import UserError
-from ddpm_curriculum.models import UNet
+from ddpm_curriculum.models import UNet, convert
 from ddpm_curriculum.models.convert import (diffusers_key, from_diffusers_state, import_ddpm_torch,
                                             infer_unet_kwargs, read_safetensors, to_diffusers_state,
                                             unet_kwargs_from_diffusers)
@@ -201,3 +203,35 @@ def test_safetensors_reader_matches_the_library(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data[:-10])
     with pytest.raises(UserError, match="inconsistent offsets"):
         read_safetensors(tmp_path / "cut.safetensors")
+
+
+def test_weights_are_read_with_the_safetensors_package_when_installed_else_with_the_parser(tmp_path, monkeypatch):
+    st = pytest.importorskip("safetensors.torch")
+    g = torch.Generator().manual_seed(1)
+    tensors = {"conv_in.weight": torch.randn(4, 3, 3, 3, generator=g), "half": torch.randn(6, generator=g).half(),
+               "bf16": torch.randn(2, 3, generator=g).bfloat16(), "steps": torch.arange(5), "flag": torch.tensor(True),
+               "empty": torch.zeros(0, 2)}
+    path, cut = tmp_path / "diffusion_pytorch_model.safetensors", tmp_path / "cut.safetensors"
+    st.save_file(tensors, path, metadata={"format": "pt"})
+    cut.write_bytes(path.read_bytes()[:-10])
+    taken = []
+    package_load, parser = st.load_file, convert.read_safetensors
+    monkeypatch.setattr(st, "load_file", lambda *a, **kw: taken.append("package") or package_load(*a, **kw))
+    monkeypatch.setattr(convert, "read_safetensors", lambda p: taken.append("parser") or parser(p))
+
+    with_package = convert.read_weights_file(path)
+    assert taken == ["package"]
+    with pytest.raises(UserError, match="not a valid .safetensors file .*truncated"):
+        convert.read_weights_file(cut)
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # as if the package were not installed
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    taken.clear()
+    without = convert.read_weights_file(path)
+    assert taken == ["parser"]
+    with pytest.raises(UserError, match="not a valid .safetensors file .*truncated"):
+        convert.read_weights_file(cut)
+
+    assert with_package.keys() == without.keys() == tensors.keys()
+    for k, t in tensors.items():
+        for got in (with_package[k], without[k]):
+            assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), k

@@ -13,8 +13,8 @@ PKG = Path(__file__).resolve().parents[1] / "ddpm_curriculum"
 LAYERS = {
     "errors": 0, "atomic": 0, "dist": 0, "config": 0,  # foundations
     "data": 1, "diffusion": 1, "models": 1,  # components
-    "metrics": 2, "sampling": 2,  # built on the components
-    "training": 3, "pruning": 3, "sparsity": 3,  # the trainer and its extensions (they import each other)
+    "metrics": 2, "sampling": 2, "hooks": 2,  # built on the components; hooks: the extension surface
+    "training": 3, "pruning": 3, "sparsity": 3, "modes": 3,  # the trainer, its modes and their extensions
     "evaluation": 4, "experiments": 4, "bench": 4,  # applications
     "train": 5, "generate": 5, "evaluate": 5, "prune": 5,  # entry points (python -m ddpm_curriculum.X)
 }

@@ -45,9 +45,9 @@ def test_required_configs_exist_and_the_twoscale_family_shares_one_budget():
         train = {k: v for k, v in cfg["train"].items() if not k.startswith(("loss_weighting", "min_snr", "p2_"))}
         assert train == {k: v for k, v in base["train"].items() if k in train}, name
     small = {f: load_config(ROOT / "configs" / f"cifar10_small_{f}.json").to_dict() for f in ("baseline", "c", "anti")}
-    for name, cfg in small.items():  # the real-image comparison: arms differ only in their curriculum
-        assert {k: v for k, v in cfg.items() if k != "curriculum"} == \
-            {k: v for k, v in small["baseline"].items() if k != "curriculum"}, name
+    for name, cfg in small.items():  # the real-image comparison: arms differ only in their curriculum (and so mode)
+        assert {k: v for k, v in cfg.items() if k not in ("curriculum", "mode")} == \
+            {k: v for k, v in small["baseline"].items() if k not in ("curriculum", "mode")}, name
     c, anti = small["c"]["curriculum"]["stages"], small["anti"]["curriculum"]["stages"]
     assert [(s["steps"], s["t_max"]) for s in anti] == [(s["steps"], pytest.approx(1 - s["t_min"])) for s in c]
     assert sum(s["steps"] for s in c) == small["baseline"]["train"]["steps"]

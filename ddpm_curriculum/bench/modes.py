@@ -10,16 +10,15 @@ from __future__ import annotations
 import torch
 
 from ..config import load_config
+from ..modes import MODES as REGISTRY
 from ..pruning.maskpro import MaskProUpdate, wrap_model_with_maskpro
 from ..training import CurriculumTrainer, builders
 from .train import fixed_batch
 
-MODES = {
-    "baseline": ["curriculum.enabled=false", "curriculum.stages=[]"],
-    "C": [],
-    "CS": ["sparsity.enabled=true"],
-    "CR": ["regularization.enabled=true"],
-}
+# The modes trained by CurriculumTrainer.train_step, as --set switches applied to a mode-C config (mode prune
+# has its own update, make_maskpro_step).
+MODES = {name: [f"{key}={str(value).lower()}" for key, value in mode.switches().items()]
+         for name, mode in REGISTRY.items() if name != "prune"}
 
 
 def mode_config(config: str, mode: str, batch: int, overrides=()):

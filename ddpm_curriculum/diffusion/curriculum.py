@@ -10,6 +10,7 @@ import torch
 
 from ..errors import UserError
 from .gaussian import GaussianDiffusion
+from .seed_api import translate
 from .timestep_sampling import logsnr_range_indices, sample_from_probs
 
 SPACES = ("t", "logsnr")
@@ -44,10 +45,17 @@ class CurriculumDiffusion(GaussianDiffusion):
     loss are unaffected (the network is always called with absolute timesteps 0..T−1). ``space`` says what
     the bounds are fractions of: ``t`` (``time_range_indices``) or ``logsnr`` (``logsnr_range_indices``).
     ``set_timestep_probs(p)`` replaces the uniform draw by i.i.d. draws from a histogram p [T].
+
+    Seed 001's ``CurriculumDiffusion(betas=betas, **config)`` works too: ``config`` may be the ddpm-torch
+    ``diffusion`` section (``model_mean_type``, ``model_var_type``, ``loss_type``, and ``timesteps``/``beta_*``,
+    which must describe ``betas``); see ``seed_api.py``.
     """
 
     def __init__(self, betas, prediction_type: str = "eps", var_type: str = "fixed-small", loss_type: str = "mse",
-                 space: str = "t"):
+                 space: str = "t", **config):
+        if config:
+            prediction_type, var_type = translate(betas, prediction_type, var_type, loss_type, config,
+                                                  ("eps", "fixed-small"))
         super().__init__(betas, prediction_type, var_type, loss_type)
         if space not in SPACES:
             raise UserError(f"unknown curriculum space {space!r}; choose one of {list(SPACES)}")

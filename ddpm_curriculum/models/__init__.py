@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import UserError
 from .sparse_unet import GATED_NETWORKS, DecoderSparseUNet, GateProbe, SparseUNet
+from .seed_api import RegUNet, wrap_maskpro
 from .unet import AttentionBlock, ResidualBlock, UNet, timestep_embedding
 
 MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "sparse_unet": SparseUNet,
@@ -20,7 +21,7 @@ MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "sparse_unet": SparseUNet,
 GATED_MODEL_NAMES = {loc: next(n for n, c in MODELS.items() if c is cls) for loc, cls in GATED_NETWORKS.items()}
 
 __all__ = ["MODELS", "GATED_MODEL_NAMES", "build_model", "count_parameters", "UNet", "SparseUNet",
-           "DecoderSparseUNet", "GateProbe", "ResidualBlock",
+           "DecoderSparseUNet", "GateProbe", "RegUNet", "wrap_maskpro", "ResidualBlock",
            "AttentionBlock", "timestep_embedding"]
 
 

@@ -13,10 +13,12 @@ Formats read here (REFERENCE §1):
 - diffusers folder: ``config.json`` + ``diffusion_pytorch_model.safetensors`` (or ``.bin``), possibly inside
   a pipeline folder (``unet/``) with a ``scheduler_config.json`` next to it.
 
-``.safetensors`` files are parsed here (``read_safetensors``) rather than through the ``safetensors``
-package: the format is an 8-byte little-endian header length, a JSON header (dtype, shape, byte offsets
-per tensor) and raw little-endian data, so a reader is ~30 lines, holds no code, and keeps the core
-dependencies at torch/numpy. Everything is loaded as data only (``torch.load(weights_only=True)``).
+``.safetensors`` files are read with the ``safetensors`` package when it is installed (diffusers depends on
+it) and otherwise with the small parser here (``read_safetensors``), so the core dependencies stay
+torch/numpy: the format is an 8-byte little-endian header length, a JSON header (dtype, shape, byte offsets
+per tensor) and raw little-endian data, so a reader is ~30 lines and holds no code. ``load_safetensors``
+picks between them; both give the same tensors. Everything is loaded as data only
+(``torch.load(weights_only=True)`` for ``.bin``).
 """
 
 from __future__ import annotations
@@ -70,8 +72,27 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file, with ``safetensors.torch.load_file`` when the package is installed,
+    else with ``read_safetensors``. A damaged file is a one-line UserError either way."""
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        return read_safetensors(path)
+    try:
+        return load_file(path, device="cpu")
+    except SafetensorError as exc:  # header too small, incomplete metadata (truncated data), bad JSON, ...
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0].removeprefix(
+            "Error while deserializing header: ")[:200]
+        raise UserError(f"{path} is not a valid .safetensors file ({why}; truncated?); re-download or "
+                        f"re-save it") from None
+
+
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file: u64-LE header size N, N bytes of JSON
+    """The fallback parser (``load_safetensors`` without the ``safetensors`` package).
+
+    Tensors of a ``.safetensors`` file: u64-LE header size N, N bytes of JSON
     ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``, then the data
     (offsets relative to its start, little-endian, row-major)."""
     path = Path(path)
@@ -420,7 +441,7 @@ def _scheduler_config(unet_dir: Path) -> dict | None:
 def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     """A ``.safetensors`` or ``.bin`` state dict (the latter with ``torch.load(weights_only=True)``)."""
     if path.suffix == ".safetensors":
-        return read_safetensors(path)
+        return load_safetensors(path)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated file, pickled code, ...

@@ -47,6 +47,7 @@ import inspect
 import torch
 from torch import nn
 
+from ..errors import UserError
 from .unet import ResAttnBlock, ResidualBlock, TimestepBlock, UNet
 
 
@@ -139,9 +140,11 @@ class SparseUNet(_GatedUNet):
     """UNet + bottleneck channel gate (see the module docstring). Same arguments and state-dict keys as
     ``UNet`` plus buffers ``channel_mask`` [C] (1 = active) and ``channel_birth_stage`` [C] (long: the stage
     index in which the channel became active, 0 for the initial ones, −1 while masked). With an all-ones
-    mask it computes exactly what ``UNet`` computes."""
+    mask it computes exactly what ``UNet`` computes. Seed 001's ``initial_sparsity`` / ``regrowth_method``
+    (keyword-only) start it masked and enable ``accumulate_gradients`` / ``regrow_channels`` (the end of the class)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, initial_sparsity: float | None = None, regrowth_method: str | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self._init_gates([self.bottleneck_channels])
         consumer = self.consumer_block
@@ -149,6 +152,10 @@ class SparseUNet(_GatedUNet):
             raise ValueError("the first up block must have a 1x1 skip conv")
         self.middle.register_forward_hook(self._gate_bottleneck)
         consumer.conv1.register_forward_pre_hook(self._gate_consumer)
+        self.regrowth_method = None  # set only by seed 001's arguments (below); mode CS reads its config instead
+        if initial_sparsity is not None or regrowth_method is not None:
+            self._init_seed_sparsity(0.0 if initial_sparsity is None else initial_sparsity,
+                                     "gradient" if regrowth_method is None else regrowth_method)
 
     @property
     def consumer_block(self) -> ResidualBlock:
@@ -188,6 +195,88 @@ class SparseUNet(_GatedUNet):
     def _consumer_inputs(self, channels: torch.Tensor) -> torch.Tensor:
         extra = self.consumer_block.norm1.num_channels - self.bottleneck_channels
         return torch.cat([channels, channels.new_zeros(extra)])
+
+    # ----- seed 001's standalone API: SparseUNet(initial_sparsity=0.8, regrowth_method="gradient", **unet_kwargs)
+
+    def _init_seed_sparsity(self, initial_sparsity: float, regrowth_method: str) -> None:
+        """Mask all but the leading floor(C·(1 − s)) channels (mode CS's stage-0 rule) and prepare regrowth.
+
+        Training through a config does not use this: there ``ChannelSparsity`` (sparsity/channel_mask.py) sets
+        the mask per stage from ``sparsity.initial_sparsity`` / ``regrowth_method`` and also freezes the
+        reserved weights of masked channels, which a network cannot do for its optimizer.
+        """
+        from ..sparsity.channel_mask import REGROWTH
+        from ..sparsity.schedules import active_channels
+
+        if regrowth_method not in REGROWTH:
+            raise UserError(f"SparseUNet: unknown regrowth_method {regrowth_method!r}; choose one of "
+                            f"{sorted(REGROWTH)}")
+        kept = active_channels(self.gated_channels, [float(initial_sparsity)])[0]  # UserError outside [0, 1]
+        active = torch.arange(self.gated_channels) < kept
+        self.channel_mask.copy_(active.float())
+        self.channel_birth_stage.copy_(torch.where(active, 0, -1))
+        self.regrowth_method = regrowth_method
+        # the seed's buffer, non-persistent so that the state-dict keys stay those of every SparseUNet
+        self.register_buffer("channel_grad_accum", torch.zeros(self.gated_channels, dtype=torch.float64),
+                             persistent=False)
+        self._refresh_seed_probe()
+
+    def _refresh_seed_probe(self) -> None:
+        needs = self.regrowth_method == "gate_gradient" and bool((self.channel_mask == 0).any())
+        self.gate_probe = (self.gate_probe or GateProbe()) if needs else None
+
+    def _check_seed_api(self, what: str) -> None:
+        if self.regrowth_method is None:
+            raise UserError(f"SparseUNet.{what}() is seed 001's standalone regrowth: build the network with "
+                            f"SparseUNet(initial_sparsity=..., regrowth_method=..., ...) (training through a "
+                            f"config regrows with sparsity.regrowth_method instead)")
+
+    @torch.no_grad()
+    def accumulate_gradients(self) -> None:
+        """After ``backward()``: add this step's regrowth score of the masked channels to ``channel_grad_accum``.
+
+        ``gradient``/``weight_gradient``: Σ|∂L/∂W| per output channel of ``middle.0.conv2`` (the seed's);
+        ``gate_gradient``: Σ_samples |∂L/∂m_c| recorded by the gate probe; ``random``: nothing.
+        """
+        self._check_seed_api("accumulate_gradients")
+        masked = self.channel_mask == 0
+        if self.regrowth_method in ("gradient", "weight_gradient"):
+            grad = self.middle[0].conv2.weight.grad
+            if grad is not None:
+                self.channel_grad_accum[masked] += grad.abs().sum(dim=(1, 2, 3)).double()[masked]
+        elif self.regrowth_method == "gate_gradient" and self.gate_probe is not None:
+            part = self.gate_probe.collect(self.gated_channels)
+            if part is not None:
+                self.channel_grad_accum[masked] += part.double().to(self.channel_grad_accum.device)[masked]
+
+    @torch.no_grad()
+    def regrow_channels(self, target_sparsity: float, current_stage: int,
+                        generator: torch.Generator | None = None) -> list[int]:
+        """Activate the masked channels with the largest score until round(C·(1 − target_sparsity)) are active;
+        record ``current_stage`` as their birth stage. Returns the regrown channels. ``random`` draws the scores
+        with ``generator``. UserError if the target sparsity is above the current one (channels only regrow)."""
+        from ..sparsity.channel_mask import select_channels
+        from ..sparsity.schedules import active_channels
+
+        self._check_seed_api("regrow_channels")
+        c, masked = self.gated_channels, self.channel_mask == 0
+        current = int((~masked).sum())
+        if float(target_sparsity) > 1.0 - current / c + 1e-9:
+            raise UserError(f"SparseUNet.regrow_channels: target sparsity {target_sparsity} is above the current "
+                            f"{1.0 - current / c:.4g} ({current}/{c} active); channels are only ever regrown")
+        count = active_channels(c, [1.0 - current / c, float(target_sparsity)])[1] - current
+        if self.regrowth_method == "random":
+            scores = torch.rand(c, generator=generator, dtype=torch.float64)
+        else:
+            scores = self.channel_grad_accum
+        chosen = select_channels(scores, masked, count) if count > 0 else []
+        idx = torch.tensor(chosen, dtype=torch.long, device=self.channel_mask.device)
+        self.channel_mask[idx] = 1.0
+        self.channel_birth_stage[idx] = int(current_stage)
+        if self.regrowth_method == "gate_gradient":
+            self.channel_grad_accum.zero_()  # as mode CS: each stage's gate score starts afresh
+        self._refresh_seed_probe()
+        return chosen
 
 
 class DecoderSparseUNet(_GatedUNet):
@@ -232,6 +321,11 @@ class DecoderSparseUNet(_GatedUNet):
 # Where mode CS puts its gates (``sparsity.location``) → the network class.
 GATED_NETWORKS = {"bottleneck": SparseUNet, "decoder": DecoderSparseUNet}
 
-# build_model() checks keyword arguments against the constructor's signature: expose UNet's.
+# build_model() checks keyword arguments against the constructor's signature: expose UNet's (SparseUNet's
+# also lists seed 001's two keyword-only arguments).
 for _cls in GATED_NETWORKS.values():
     _cls.__signature__ = inspect.signature(UNet)
+SparseUNet.__signature__ = inspect.signature(UNet).replace(parameters=[
+    *inspect.signature(UNet).parameters.values(),
+    *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=kind)
+      for name, kind in (("initial_sparsity", "float | None"), ("regrowth_method", "str | None")))])

@@ -13,7 +13,7 @@ from __future__ import annotations
 from ..config import Config, config_from_dict
 from ..errors import UserError
 from ..training.checkpoint import check_compatible, load_network
-from ..training.extensions import FrozenEntries, TrainingExtension
+from ..hooks import FrozenEntries, TrainingExtension
 from .masks import apply_masks, check_masks, load_masks
 
 # Model keys that define the architecture (taken from the source); the rest are training choices.
@@ -104,10 +104,3 @@ class MaskedFinetune(TrainingExtension):
 
     def load_state_dict(self, state: dict) -> None:
         self._freeze(state["masks"])  # the weights were just restored: pruned entries are 0
-
-
-def masked_finetune_extension(cfg: Config, model):
-    """``build_extensions`` factory: the extension for mode prune, phase finetune."""
-    if cfg.maskpro.enabled and cfg.maskpro.phase == "finetune":
-        return MaskedFinetune(cfg, model)
-    return None

@@ -20,7 +20,7 @@ import torch
 
 from .. import dist
 from ..errors import UserError
-from ..training.extensions import TrainingExtension
+from ..hooks import TrainingExtension
 from ..training.sampler import mix_seed
 from ..training.trainer import CurriculumTrainer
 from .finetune import load_source

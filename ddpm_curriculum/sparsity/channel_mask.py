@@ -33,7 +33,7 @@ import torch
 
 from .. import dist
 from ..models import GateProbe, SparseUNet
-from ..training.extensions import FrozenEntries, TrainingExtension
+from ..hooks import FrozenEntries, TrainingExtension
 from ..training.sampler import mix_seed
 from .schedules import stage_active_channels
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import dist
-from ..training.extensions import TrainingExtension
+from ..hooks import TrainingExtension
 from ..training.reporting import append_jsonl
 from .schedules import stage_lambdas
 

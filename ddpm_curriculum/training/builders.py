@@ -9,7 +9,8 @@ from ..config import Config, DatasetConfig
 from ..data import build_dataset, class_names, dataset_image_shape
 from ..diffusion import CurriculumDiffusion, make_betas, make_loss_weights, matched_histogram
 from ..errors import UserError
-from ..models import GATED_MODEL_NAMES, build_model
+from ..modes import mode_of
+from ..models import build_model
 from ..models.widths import set_widths
 
 
@@ -82,8 +83,7 @@ def make_model(cfg: Config, name: str | None = None) -> nn.Module:
     if h % factor or w % factor:
         raise UserError(f"image size {h}x{w} is not divisible by {factor} "
                         f"({len(m.ch_multipliers)} UNet levels); change dataset.image_size or model.ch_multipliers")
-    # Mode CS needs the gated network; with an all-ones mask it computes exactly what "unet" computes.
-    name = name or (GATED_MODEL_NAMES[cfg.sparsity.location] if cfg.sparsity.enabled else m.name)
+    name = name or mode_of(cfg).network(cfg) or m.name  # mode CS trains its gated network
     model = build_model(name, in_channels=m.in_channels, hid_channels=m.hid_channels,
                         ch_multipliers=tuple(m.ch_multipliers), num_res_blocks=m.num_res_blocks,
                         apply_attn=tuple(m.apply_attn), drop_rate=m.drop_rate,

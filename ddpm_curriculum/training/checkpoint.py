@@ -254,10 +254,13 @@ class _RawNetwork:
 def _read_project(state: dict, use_ema: bool, source: Path) -> _RawNetwork:
     check_entries(state, source, NETWORK_ENTRIES, NETWORK_OPTIONAL)
     weights = "ema" if use_ema and state.get("ema") is not None else "model"
-    # pruned.pt and MaskPro checkpoints store "masks"; masked fine-tuning keeps them in its extension state
-    finetune = (state.get("extensions") or {}).get("masked_finetune")
-    check_entries({"extensions.masked_finetune": finetune}, source, {}, {"extensions.masked_finetune": "dict"})
-    masks = state.get("masks") or (finetune or {}).get("masks")
+    # pruned.pt and MaskPro checkpoints store "masks"; an extension that fixes masks (masked fine-tuning) keeps
+    # them as "masks" in its own state
+    extensions = state.get("extensions") or {}
+    check_entries({"extensions": extensions}, source, {}, {"extensions": "dict"})
+    for name, ext in extensions.items():
+        check_entries({f"extensions.{name}": ext}, source, {}, {f"extensions.{name}": "dict"})
+    masks = state.get("masks") or next((ext["masks"] for ext in extensions.values() if ext.get("masks")), None)
     check_entries({"masks": masks}, source, {}, {"masks": "state dict of tensors"})
     return _RawNetwork(state["config"], state[weights], state.get("step") or 0, weights, masks)
 

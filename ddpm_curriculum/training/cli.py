@@ -15,6 +15,7 @@ from ..atomic import remove_stale_temps
 from ..config import Config, config_from_dict, load_config
 from ..errors import UserError
 from ..metrics.bayes import feature_window_lines
+from ..modes import MODES, mode_of
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .plan import build_plan, curriculum_layout, total_steps
 from .runlock import lock_run_dir
@@ -97,7 +98,7 @@ RESUME_RULES: list[tuple[str, str | None]] = [
     ("train.skip_nonfinite_steps", None), ("train.loss_weighting", None), ("train.min_snr_gamma", None),
     ("train.p2_k", None), ("train.p2_gamma", None),
     ("train.ema_update_every", None), ("train.ema_start_step", None), ("train.cond_drop_prob", None),
-    ("train.early_stop_loss_change", None),
+    ("train.early_stop_loss_change", None), ("train.tensorboard", None),
     ("train.early_stop_window", "the checkpointed early-stop state compares windows of the saved length"),
     ("train.early_stop_smoothing", "the checkpointed smoothed loss was averaged with the saved factor"),
     ("train.epochs", None), ("train.steps", None),
@@ -107,6 +108,7 @@ RESUME_RULES: list[tuple[str, str | None]] = [
     ("train.sample_steps", None), ("eval.*", None),
     ("dataset.root", None), ("dataset.download", None), ("dataset.cache", None), ("dataset.cache_dir", None),
     ("model.channels_last", None), ("model.compile", None),
+    ("mode", "the run's network, extensions and checkpoint state belong to the saved mode"),
     ("train.seed", "the data order, timesteps and noise of every step derive from it"),
     ("train.batch_size", "the steps per epoch, the data order and the position in the epoch derive from it"),
     ("train.optimizer", "the checkpoint's optimizer state belongs to the other optimizer"),
@@ -115,9 +117,8 @@ RESUME_RULES: list[tuple[str, str | None]] = [
     ("dataset.*", "the run trains on the saved dataset"),
     ("diffusion.*", "the network was trained for the saved diffusion process"),
     ("curriculum.*", "the stage layout is part of the run; only stage lengths may change"),
-    ("sparsity.*", "the mode's state in the checkpoint was built with it"),
-    ("regularization.*", "the mode's state in the checkpoint was built with it"),
-    ("maskpro.*", "the mask learning state in the checkpoint was built with it"),
+    *[(f"{m.section}.*", f"mode {m.name}'s state in the checkpoint was built with it")
+      for m in MODES.values() if m.section],
 ]
 
 
@@ -148,7 +149,6 @@ def default_run_dir(args) -> Path:
 def describe_plan(cfg: Config) -> str:
     """The stage plan as text: t-range (integers) and length of each stage, plus what the mode does per stage
     (active channels for CS, λ for CR) and the timestep sampler/weighting/pacing when not the defaults."""
-    from ..sparsity import stage_notes
     from .builders import make_dataset, make_diffusion
     from .sampler import ShardedBatchSampler
 
@@ -160,7 +160,7 @@ def describe_plan(cfg: Config) -> str:
     else:  # the real run's check, with its message (e.g. fewer samples than one batch)
         spe, note = ShardedBatchSampler(n, cfg.train.batch_size, 0, 1, cfg.train.seed).steps_per_epoch, ""
     diffusion, T, cur = make_diffusion(cfg), cfg.diffusion.timesteps, cfg.curriculum
-    notes = stage_notes(cfg) if cur.enabled else []
+    notes = mode_of(cfg).stage_notes(cfg) if cur.enabled else []
     where = "of T" if cur.space == "t" else "of the log-SNR range"
     lines = [f"mode: {cfg.mode}"] + _variant_lines(cfg)
     if spe:
@@ -214,17 +214,7 @@ def _variant_lines(cfg: Config) -> list[str]:
     if t.loss_weighting != "none":
         params = f"γ={t.min_snr_gamma:g}" if t.loss_weighting == "min_snr" else f"k={t.p2_k:g}, γ={t.p2_gamma:g}"
         lines.append(f"loss weighting: {t.loss_weighting} ({params}, {cfg.diffusion.model_mean_type}-prediction)")
-    if cfg.sparsity.enabled:
-        sp = cfg.sparsity
-        seed = " (the seed's criterion, = weight_gradient; the default gate_gradient is the sound one)" \
-            if sp.regrowth_method == "gradient" else ""
-        lines.append(f"sparsity: schedule {sp.schedule}, regrowth {sp.regrowth_method}{seed}, "
-                     f"regrow_init {sp.regrow_init}")
-    if cfg.regularization.enabled:
-        reg = cfg.regularization
-        lines.append(f"regularization: {reg.target}, schedule {reg.schedule}, loss = mse + "
-                     f"{'reg/batch_size' if reg.combine == 'reg_over_batch' else 'reg'}{', prox' if reg.prox else ''}")
-    return lines
+    return lines + mode_of(cfg).describe(cfg)
 
 
 def worker(args, cfg_dict: dict, run_dir: str, resume: bool) -> int:
@@ -235,9 +225,7 @@ def worker(args, cfg_dict: dict, run_dir: str, resume: bool) -> int:
     lock = None
     try:
         cfg = config_from_dict(cfg_dict)
-        trainer_cls = CurriculumTrainer
-        if cfg.mode == "prune" and cfg.maskpro.phase == "learn":
-            from ..pruning.learn import MaskProTrainer as trainer_cls
+        trainer_cls = mode_of(cfg).trainer(cfg) or CurriculumTrainer
         state = load_checkpoint(args.resume or run_dir, for_resume=True) if resume else None
         run_dir = Path(dist.broadcast_object(str(run_dir)))
         threads = dist.set_threads(args.threads)
@@ -293,14 +281,10 @@ def main(argv=None) -> int:
     for note in _launch_notes(args):
         print(f"note: {note}")
     cfg, state = resolve(args)
-    if cfg.mode == "prune" and state is None and args.dry_run and not cfg.maskpro.source:
-        print("note: maskpro.source is not set; a real run needs it and takes its architecture from it")
-    elif cfg.mode == "prune" and state is None:  # a new prune-mode run takes its architecture from the source
-        from ..pruning.finetune import adopt_source_architecture
-
-        cfg, changed = adopt_source_architecture(cfg)
-        if changed:
-            print(f"note: took {', '.join(changed)} from maskpro.source {cfg.maskpro.source}")
+    if state is None:  # a new run: the mode may complete its config (mode prune takes its source's architecture)
+        cfg, notes = mode_of(cfg).prepare(cfg, args.dry_run)
+        for note in notes:
+            print(f"note: {note}")
     if args.dry_run:
         print(json.dumps(cfg.to_dict(), indent=2))
         print(describe_plan(cfg))

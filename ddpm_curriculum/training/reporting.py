@@ -1,4 +1,5 @@
-"""What a run reports: ``metrics.jsonl`` lines, sample grids and the end-of-training ``eval.json``."""
+"""What a run reports: ``metrics.jsonl`` lines (optionally mirrored to TensorBoard), sample grids and the
+end-of-training ``eval.json``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torchvision.utils import save_image
 from .. import dist
 from ..atomic import atomic_write
 from ..diffusion import ddim_sample
+from ..errors import UserError
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -21,17 +23,68 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def scalar_fields(record: dict, prefix: str = "") -> list[tuple[str, float]]:
+    """The numeric fields of a metrics record as (tag, value): ints and floats as they are, lists and dicts
+    flattened to ``name/i`` and ``name/key`` (``loss_per_t_bin/3``); strings, bools and None are left out, as
+    is the top-level ``step`` (it is the x-axis)."""
+    out = []
+    for key, value in record.items():
+        tag = f"{prefix}{key}"
+        if isinstance(value, bool) or value is None or (not prefix and key == "step"):
+            continue
+        if isinstance(value, (int, float)):
+            out.append((tag, value))
+        elif isinstance(value, (list, tuple)):
+            out.extend(scalar_fields(dict(enumerate(value)), f"{tag}/"))
+        elif isinstance(value, dict):
+            out.extend(scalar_fields(value, f"{tag}/"))
+    return out
+
+
+class TensorBoardSink:
+    """TensorBoard scalars fed from the ``metrics.jsonl`` records (the jsonl stays the source of truth): each
+    record's ``scalar_fields`` at its ``step`` (stored as float32, as TensorBoard scalars are). ``train.tensorboard``
+    turns it on; only rank 0 writes, to ``<run_dir>/tensorboard/``.
+
+    ``torch.utils.tensorboard`` is imported here, so only runs that ask for it need the ``tensorboard`` extra;
+    constructing the sink checks that it is installed (a UserError at start-up), the event file is opened at the
+    first record and closed by ``close`` at the end of training."""
+
+    def __init__(self, log_dir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError('train.tensorboard = true needs the tensorboard package: pip install -e ".[tensorboard]" '
+                            "(or set train.tensorboard=false)") from None
+        self.log_dir, self._writer_cls, self.writer = Path(log_dir), SummaryWriter, None
+
+    def write(self, record: dict) -> None:
+        if self.writer is None:
+            self.writer = self._writer_cls(log_dir=str(self.log_dir))
+        for tag, value in scalar_fields(record):
+            self.writer.add_scalar(tag, value, global_step=record["step"])
+        self.writer.flush()  # one flush per log line: a live TensorBoard sees each line as the jsonl does
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
 class MetricsLog:
     """Accumulates per-step statistics on the device; ``flush`` reduces them over ranks and writes one line.
 
     ``loss`` is the training objective: the mean of w(t)·per-sample loss plus the mean of the modes' loss
     terms; ``mse`` is the mean unweighted per-sample diffusion loss (what ``loss_per_t_bin`` bins, and what
     runs with different weightings can be compared on); each loss term (e.g. ``reg``) is also reported.
-    Both ``flush`` and ``epoch_summary`` are collectives: every rank calls them at the same steps.
+    Both ``flush`` and ``epoch_summary`` are collectives: every rank calls them at the same steps. Each line
+    written to ``path`` also goes to ``sink`` (a ``TensorBoardSink``) when given; ``close`` closes it.
     """
 
-    def __init__(self, path: Path | None, num_bins: int, timesteps: int, device: torch.device):
+    def __init__(self, path: Path | None, num_bins: int, timesteps: int, device: torch.device,
+                 sink: TensorBoardSink | None = None):
         self.path, self.num_bins, self.timesteps, self.device = path, num_bins, timesteps, device
+        self.sink = sink
         # [objective_sum, mse_sum, count, grad_norm_sum, steps, bin_loss_sum × bins, bin_count × bins, terms…]
         self.acc = torch.zeros(5 + 2 * num_bins, dtype=torch.float64, device=device)
         # [objective_sum, mse_sum, count, steps, terms…]
@@ -86,7 +139,13 @@ class MetricsLog:
                    steps_in_interval=int(steps / dist.world_size()))
         if self.path is not None:
             append_jsonl(self.path, rec)
+            if self.sink is not None:
+                self.sink.write(rec)
         return rec
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
 
     def epoch_summary(self) -> dict[str, float]:
         """Means over the steps since the last call: ``loss`` (objective), ``mse`` and each loss term."""

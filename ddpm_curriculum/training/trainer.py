@@ -29,13 +29,13 @@ from .. import dist
 from ..config import Config, config_from_dict
 from ..errors import UserError, interrupt_note
 from ..sampling.guidance import ClassConditioned
-from . import builders
+from . import builders, seed_api
 from .checkpoint import FORMAT_VERSION, check_compatible, save_checkpoint
 from .early_stop import EarlyStop
 from .ema import EMA
 from .extensions import build_extensions
 from .plan import PACINGS, stage_at, total_steps
-from .reporting import MetricsLog, append_jsonl, evaluate_samples, save_grid
+from .reporting import MetricsLog, TensorBoardSink, append_jsonl, evaluate_samples, save_grid
 from .sampler import ShardedBatchSampler, mix_seed, step_generator
 
 NUM_T_BINS = 10  # metrics.jsonl reports the loss averaged over 10 equal timestep bins
@@ -94,6 +94,8 @@ class CurriculumTrainer:
         if t.batch_size % (self.world * t.accum_steps):
             raise UserError(f"'train.batch_size' = {t.batch_size} must be divisible by world size "
                             f"{self.world} × 'train.accum_steps' {t.accum_steps}")
+        # on every rank, so that a missing tensorboard package stops all of them at once; rank 0 writes
+        tensorboard = TensorBoardSink(self.run_dir / "tensorboard") if t.tensorboard else None
         # Initialisation is identical on every rank (DDP also broadcasts rank 0's weights);
         # the global RNG is then reseeded per rank, so dropout differs between ranks.
         torch.manual_seed(t.seed)
@@ -135,7 +137,8 @@ class CurriculumTrainer:
         self.ddp_model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None) \
             if self.world > 1 else self.model
         self.train_model = torch.compile(self.ddp_model) if cfg.model.compile else self.ddp_model
-        self.log = MetricsLog(self.run_dir / "metrics.jsonl", NUM_T_BINS, self.diffusion.timesteps, device) \
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", NUM_T_BINS, self.diffusion.timesteps, device,
+                              sink=tensorboard) \
             if dist.is_main() else MetricsLog(None, NUM_T_BINS, self.diffusion.timesteps, device)
         self._stop_requested = False
         # Fixed noise (and labels) for sample grids, so grids over training are comparable.
@@ -143,6 +146,18 @@ class CurriculumTrainer:
         g = torch.Generator().manual_seed(mix_seed(t.seed, 0x6121D))
         n_grid = t.num_samples if self.grid_labels is None else len(self.grid_labels)
         self.grid_noise = torch.randn((n_grid, *self.image_shape), generator=g)
+
+    @classmethod
+    def from_configs(cls, curriculum_config: dict | None = None, sparsity_config: dict | None = None,
+                     regularization_config: dict | None = None, **kwargs) -> CurriculumTrainer:
+        """Seed 001's constructor, ``CurriculumTrainer(curriculum_config=…, sparsity_config=…,
+        regularization_config=…, **kwargs)``: the three dicts are config sections; ``kwargs`` the other
+        sections as dicts, ddpm-torch Trainer settings (``epochs``, ``num_accum``, …) and ``run_dir``,
+        ``device``, ``resume_state``, ``stop_at_step``, ``progress`` (see ``seed_api.py``)."""
+        run = {k: kwargs.pop(k) for k in seed_api.RUN_ARGS if k in kwargs}
+        cfg = seed_api.seed_config(curriculum_config, sparsity_config, regularization_config, **kwargs)
+        args = seed_api.run_args(**run)
+        return cls(cfg, args.pop("run_dir"), args.pop("device"), **args)
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -190,6 +205,7 @@ class CurriculumTrainer:
         finally:
             bar.close()
             restore()
+            self.log.close()  # the TensorBoard event file; no metrics line follows the loop
         if stopped:
             return {"stopped": True, "step": self.step}
         return self._finish()
