@@ -36,14 +36,22 @@ def opt(default, doc: str, *, choices=None, lo=None, hi=None, lo_open=False):
     return field(default=default, metadata=meta)
 
 
+def _registry_names(module: str, function: str) -> list[str]:
+    """The names of a registry that sits above this module (``data.dataset_names``, ``modes.mode_names``), read
+    when a config is checked or documented: the choices are the registry's, never a copy."""
+    import importlib
+
+    return getattr(importlib.import_module(f"ddpm_curriculum.{module}"), function)()
+
+
 # --------------------------------------------------------------------------------------- sections
 
 
 @dataclass
 class DatasetConfig:
-    name: str = opt("twoscale", "Dataset: `twoscale` (built-in, no download), `cifar10`, `celeba` "
-                    "(`celeba32`/`celeba64` fix image_size), `image_folder`.",
-                    choices=["twoscale", "cifar10", "celeba", "celeba32", "celeba64", "image_folder"])
+    name: str = opt("twoscale", "Dataset from the `DATASETS` registry (data/__init__.py): `twoscale` (built-in, no "
+                    "download), `cifar10`, `celeba` (`celeba32`/`celeba64` fix image_size), `image_folder`.",
+                    choices=lambda: _registry_names("data", "dataset_names"))
     root: str | None = opt(None, "Dataset location; null = from `.env`/environment "
                            "(`CIFAR10_PATH`, `CELEBA_PATH`, `DATA_ROOT`; `IMAGE_FOLDER_PATH` for image_folder).")
     image_size: int | None = opt(None, "Side length in pixels; null = dataset default "
@@ -314,7 +322,8 @@ class Config:
     mode: str | None = opt(None, "Training mode from the `MODES` registry (ddpm_curriculum/modes): `baseline`, `C`, "
                            "`CS`, `CR`, `prune`. Given, it sets its sections' `enabled` switches (`CS`: "
                            "curriculum and sparsity on, …); null = derived from those switches (the seeds' "
-                           "configs). Resolved configs record the mode in force.")
+                           "configs). Resolved configs record the mode in force.",
+                           choices=lambda: _registry_names("modes", "mode_names"))
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -378,10 +387,16 @@ def _convert(value: Any, tp, path: str):
     raise UserError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}")
 
 
+def _choices(meta: dict) -> list | None:
+    """A field's valid values; a callable (a registry's names, read when needed) is called."""
+    choices = meta.get("choices")
+    return choices() if callable(choices) else choices
+
+
 def _check_range(value, meta: dict, path: str) -> None:
     if value is None:
         return
-    choices = meta.get("choices")
+    choices = _choices(meta)
     if choices is not None and value not in choices:
         raise UserError(f"config key '{path}' = {value!r} is not one of {choices}")
     lo, hi = meta.get("lo"), meta.get("hi")
@@ -671,8 +686,8 @@ def _validate_stages(cfg: Config) -> None:
 def _doc_row(f: dataclasses.Field) -> str:
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     doc = f.metadata.get("doc", "")
-    if f.metadata.get("choices"):
-        doc += " One of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + "."
+    if _choices(f.metadata):
+        doc += " One of: " + ", ".join(f"`{c}`" for c in _choices(f.metadata)) + "."
     return f"| `{f.name}` | `{json.dumps(default)}` | {doc} |"
 
 

@@ -103,7 +103,7 @@ def test_crafted_cifar_batch_through_the_script(tmp_path, capsys):
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_cifar_style_batches_still_load(tmp_path, protocol):
     arrays = write_cifar(tmp_path / "c", protocol=protocol)
-    ds = build_dataset("cifar10", root=str(tmp_path / "c"), random_flip=False)
+    ds = build_dataset("cifar10", root=str(tmp_path / "c"))
     assert len(ds) == 15
     np.testing.assert_array_equal(ds.images[:3], arrays["data_batch_1"].reshape(3, 3, 32, 32).transpose(0, 2, 3, 1))
 

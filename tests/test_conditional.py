@@ -174,6 +174,7 @@ def _ddp_worker(rank, world, port, run_dir, out):
     dist.cleanup()
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_with_labels_match_one_process(tmp_path):
     import torch.multiprocessing as mp
 
@@ -284,6 +285,7 @@ def cond_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_generate_classes_guidance_manifest_and_continuation(cond_run, tmp_path):
     from ddpm_curriculum.sampling.cli import main
 
@@ -315,6 +317,7 @@ def test_generate_classes_guidance_manifest_and_continuation(cond_run, tmp_path)
     assert res.returncode == 2 and "not in 0 … 3" in res.stderr and res.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_generate_refuses_class_flags_for_unconditional_networks(tmp_path):
     run_dir = tmp_path / "u"
     run(tiny_cfg("curriculum.enabled=false", "train.steps=2", "eval.num_samples=0", "train.num_samples=0"), run_dir)
@@ -386,6 +389,7 @@ def train_script(*args):
                           timeout=300, check=False, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 def test_dry_run_counts_images_per_class(tmp_path):
     root = _folder(tmp_path / "d")
     path = tmp_path / "c.json"
@@ -395,6 +399,7 @@ def test_dry_run_counts_images_per_class(tmp_path):
     assert "classes (3; model class-conditional, 3 classes, cond_drop_prob 0): ant 4, cat 3, dog 2" in res.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", [False, True])
 def test_corrupt_file_in_a_labelled_folder_is_one_line_with_workers(tmp_path, cache):
     root = _folder(tmp_path / "d", per_class=(4, 4, 4))
@@ -419,8 +424,7 @@ def test_decoded_image_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     kw = {"root": str(root), "image_size": 8, "labels": "subfolders", "cache": True,
           "cache_dir": str(tmp_path / "c")}
     first = build_dataset("image_folder", **kw)
-    plain = build_dataset("image_folder", root=str(root), image_size=8, labels="subfolders", random_flip=False)
-    first.random_flip = False
+    plain = build_dataset("image_folder", root=str(root), image_size=8, labels="subfolders")
     for i in range(len(plain)):
         assert torch.equal(first[i][0], plain[i][0]) and first[i][1] == plain[i][1]
     assert len(list((tmp_path / "c").glob("*.npy"))) == 1

@@ -13,7 +13,7 @@ from ddpm_curriculum.data import build_dataset, dataset_image_shape
 from ddpm_curriculum.data.twoscale import TwoScaleDataset
 from ddpm_curriculum.errors import UserError
 
-from .helpers import make_fake_celeba
+from .helpers import make_fake_celeba, run, tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def make_fake_cifar(folder, n_per_batch=3):
 def test_cifar10_reads_the_pickle_batches(tmp_path):
     first = make_fake_cifar(tmp_path / "cifar-10-batches-py")
     for root in (tmp_path, tmp_path / "cifar-10-batches-py"):
-        ds = build_dataset("cifar10", root=str(root), random_flip=False)
+        ds = build_dataset("cifar10", root=str(root))
         assert len(ds) == 15 and ds.image_shape == (3, 32, 32)
         x, label = ds[1]
         assert x.shape == (3, 32, 32) and label == 1 and x.min() >= -1 and x.max() <= 1
@@ -146,7 +146,7 @@ def test_dataset_roots_from_env_and_dotenv(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name, size", [("celeba32", 32), ("celeba64", 64)])
 def test_celeba_crop_and_size(tmp_path, name, size):
     make_fake_celeba(tmp_path)
-    ds = build_dataset(name, root=str(tmp_path), random_flip=False)
+    ds = build_dataset(name, root=str(tmp_path))
     assert len(ds) == 2 and ds.image_shape == (3, size, size)
     x, _ = ds[0]
     assert x.shape == (3, size, size)
@@ -172,7 +172,7 @@ def test_image_folder_recursive_odd_sizes(tmp_path):
     Image.new("RGB", (50, 30), (10, 20, 30)).save(tmp_path / "a" / "x.png")
     Image.new("L", (17, 41), 200).save(tmp_path / "a" / "b" / "y.jpg")
     (tmp_path / "notes.txt").write_text("ignored")
-    ds = build_dataset("image_folder", root=str(tmp_path), image_size=16, random_flip=False)
+    ds = build_dataset("image_folder", root=str(tmp_path), image_size=16)
     assert len(ds) == 2
     for i in range(2):
         x, label = ds[i]
@@ -228,3 +228,43 @@ def test_held_out_images_of_a_train_test_tree_are_its_test_half_and_subsets_cove
     assert levels(DatasetImages(cfg, "test")) == [128, 128, 168, 168, 208, 208]
     assert levels(DatasetImages(cfg, "train", 3)) == [0, 40, 80]  # one per class, not three of class a
     assert evenly_spaced(12, 3) == [0, 4, 8] and evenly_spaced(5, 9) == [0, 1, 2, 3, 4]
+
+
+class Stripes(torch.utils.data.Dataset):
+    """The docs/architecture.md example of adding a dataset: vertical stripes of a random phase, unlabelled."""
+
+    default_size, fixed_size, natural_images = 8, False, False
+
+    def __init__(self, size: int, n: int = 32):
+        self.size, self.n, self.image_shape = size, n, (1, size, size)
+
+    @staticmethod
+    def channels_of(d) -> int:
+        return 1
+
+    @classmethod
+    def from_config(cls, d, size, split, use_cache):
+        return cls(size, n=d.num_samples)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        x = torch.arange(self.size, dtype=torch.float32).add(i).remainder(2).mul(2).sub(1)
+        return x.expand(1, self.size, self.size).clone(), -1
+
+
+def test_adding_a_dataset_is_one_registry_entry(monkeypatch, tmp_path):
+    """A class with from_config/default_size/channels_of/natural_images in DATASETS is all a dataset needs: the
+    config accepts its name, the shape and flip default come from it, and a run trains on it."""
+    from ddpm_curriculum.data import DATASETS
+    from ddpm_curriculum.training import builders
+
+    monkeypatch.setitem(DATASETS, "stripes", Stripes)
+    cfg = tiny_cfg("dataset.name=stripes", "dataset.image_size=null", "dataset.num_samples=16",
+                   "model.in_channels=1", "train.steps=6", "train.num_samples=0", "eval.num_samples=0")
+    assert builders.image_shape(cfg) == (1, 8, 8) and not builders.use_random_flip(cfg)
+    trainer = run(cfg, tmp_path)
+    assert trainer.step == 6 and len(trainer.dataset) == 16
+    with pytest.raises(UserError, match="'dataset.name' = 'strips' is not one of"):
+        tiny_cfg("dataset.name=strips")

@@ -79,6 +79,7 @@ def _features(model, source):
         return model.features(to_input(source.load(range(len(source))))).double().numpy()
 
 
+@pytest.mark.slow
 def test_fd_classifier_matches_frechet_distance_on_hand_computed_features(setup, feature_net, tmp_path):  # noqa: F811
     out, _, _ = feature_net
     args = ["--metrics", "fd_classifier", "--feature-net", str(out), "--device", "cpu", "--no-progress"]
@@ -99,6 +100,7 @@ def test_fd_classifier_matches_frechet_distance_on_hand_computed_features(setup,
     assert abs(json.loads((tmp_path / "s.json").read_text())["metrics"]["fd_classifier"]) < 1e-6
 
 
+@pytest.mark.slow
 def test_spectrum_cli_matches_the_package(setup, tmp_path):  # noqa: F811
     res = script("eval.py", "--sample-folder", str(setup["samples"]), "--ref-folder", str(setup["ref"]),
                  "--metrics", "spectrum", "--spectrum-bands", "3", "--json", str(tmp_path / "r.json"),
@@ -112,6 +114,7 @@ def test_spectrum_cli_matches_the_package(setup, tmp_path):  # noqa: F811
     assert "spectrum log10 ratio per band" in res.stdout
 
 
+@pytest.mark.slow
 def test_nll_cli_matches_the_package_and_k_equal_t_is_exact(setup, tmp_path):  # noqa: F811
     net = load_network(setup["run"])
     T = net.diffusion.timesteps
@@ -148,6 +151,7 @@ class _First:
     ("nll_k", "--nll-timesteps 1 must be in [2, 100]"),
     ("spectrum_stats", "need reference images, not statistics"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(setup, feature_net, tmp_path, kind, fragment):  # noqa: F811
     samples, ref = str(setup["samples"]), ["--ref-folder", str(setup["ref"])]
     args = {"missing_net": ["--metrics", "fd_classifier", "--feature-net", str(tmp_path / "none.pt")],

@@ -1,6 +1,7 @@
 """generate.py: per-image noise, images independent of batch size / order / world size, resume, outputs,
 and the script's errors."""
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -59,6 +60,8 @@ def test_per_image_noise_depends_only_on_seed_and_index(monkeypatch):
 def test_images_do_not_depend_on_batch_composition(tiny_run, name):
     net = load_network(tiny_run)
     spec = SAMPLERS[name]
+    if spec.name == "ancestral":  # 30 of the 100 steps: the same per-step noise draws, a third of the time
+        spec = dataclasses.replace(spec, t_max=29)
     sample = lambda idx: sample_batch(net.diffusion, net.model, spec, idx, 3, SHAPE, "cpu")  # noqa: E731
     full = sample(list(range(6)))
     # another order, one thread: bit-identical (same batch size, same kernels). With more threads oneDNN splits

@@ -220,7 +220,7 @@ def test_generate_takes_seed_003_ddpm_sample_flags(trained, tmp_path):
     seed, ours = _pngs(tmp_path / "seed"), _pngs(tmp_path / "ours")
     assert len(seed) == 3 and seed == ours == _pngs(tmp_path / "doc")
     sampler = json.loads((tmp_path / "seed" / "generate.json").read_text())["sampler"]
-    assert sampler["use_ddim"] and sampler["steps"] == 4 and sampler["skip_type"] == "quadratic"
+    assert sampler["name"] == "ddim" and sampler["steps"] == 4 and sampler["skip_type"] == "quadratic"
 
 
 def test_generate_pruned_model_ckpt_replaces_model_path(trained, magnitude30, tmp_path, capsys):

@@ -180,3 +180,37 @@ def test_patience_run_resumes_bit_identically_across_an_early_transition(tmp_pat
     assert [json.loads(x)["step"] for x in (part / "transitions.jsonl").read_text().splitlines()] == starts
     fixed = run(tiny_cfg("eval.num_samples=0", "train.num_samples=0"), tmp_path / "fixed")
     assert fixed.plan == fixed.pacing.plan() and fixed.pacing.state_dict() == {}
+
+
+def test_timestep_sampler_is_a_pure_function_of_the_stage():
+    """TimestepSampler.for_stage draws exactly what CurriculumDiffusion's time range / histogram draw, holds no
+    state, and the trainer's current sampler is that of the stage it entered last."""
+    from ddpm_curriculum.diffusion.timestep_sampling import TimestepSampler
+
+    d = CurriculumDiffusion(make_betas("linear", 50))
+    for t_min, t_max in [(0.8, 1.0), (0.0, 1.0), (0.3, 0.5)]:
+        sampler = TimestepSampler.for_stage(d, t_min, t_max)
+        d.set_time_range(t_min, t_max)
+        assert sampler.time_range == d.time_range == d.range_indices(t_min, t_max)
+        a = sampler.sample(64, generator=torch.Generator().manual_seed(5))
+        assert torch.equal(a, d.sample_timesteps(64, generator=torch.Generator().manual_seed(5)))
+        assert torch.equal(a, sampler.sample(64, generator=torch.Generator().manual_seed(5)))  # no state moved
+    probs = np.zeros(50)
+    probs[[3, 7, 40]] = [0.2, 0.3, 0.5]
+    hist = TimestepSampler.for_stage(d, 0.0, 1.0, probs)
+    d.set_timestep_probs(probs)
+    assert hist.time_range == (3, 40)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(hist.sample(1000, generator=g1), d.sample_timesteps(1000, generator=g2))
+    assert set(hist.sample(1000).tolist()) == {3, 7, 40}
+    with pytest.raises(UserError, match="50 non-negative numbers summing to 1"):
+        TimestepSampler.for_stage(d, 0.0, 1.0, np.ones(50))
+
+
+def test_the_trainer_takes_its_timesteps_from_the_entered_stage(tmp_path):
+    trainer = CurriculumTrainer(tiny_cfg("eval.num_samples=0", "train.num_samples=0"), tmp_path, CPU,
+                                progress=False)
+    high, full = trainer.plan
+    assert trainer.timesteps.time_range == trainer.timesteps_for(high).time_range == (80, 99)
+    trainer._enter_stage(full)
+    assert trainer.timesteps.time_range == (0, 99) and trainer.timesteps is trainer.timesteps_for(full)

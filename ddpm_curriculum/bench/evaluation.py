@@ -148,7 +148,7 @@ def ddim_cases(args, out: dict) -> dict:
         return TimedNetwork(builders.make_model(cfg).eval().to(device), device)
 
     def ours():
-        net, spec = network(), SamplerSpec(use_ddim=True, steps=steps, eta=eta, skip_type="uniform")
+        net, spec = network(), SamplerSpec(name="ddim", steps=steps, eta=eta, skip_type="uniform")
         return timed("ours", net, lambda: sample_batch(diffusion, net, spec, indices, 0, shape, device))
 
     def diffusers():

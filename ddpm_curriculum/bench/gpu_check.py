@@ -100,7 +100,7 @@ def semistructured(config: str = "configs/cifar10_c.json", batch: int = 64, step
     eligible = sum(semi_structured_eligible(m) for m in model.modules())
     model = model.half()
     diffusion, shape = builders.make_diffusion(cfg), builders.image_shape(cfg)
-    spec = SamplerSpec(use_ddim=True, steps=steps)
+    spec = SamplerSpec(name="ddim", steps=steps)
 
     def net(x, t):
         with torch.autocast("cuda", dtype=torch.float16):

@@ -4,13 +4,22 @@ unlabelled one has ``class_names = None``."""
 
 from __future__ import annotations
 
+from ..config import DatasetConfig
 from ..errors import UserError
 from .images import CIFAR10, CelebA, ImageFolder
 from .twoscale import TwoScaleDataset
 
+# name → dataset class. Each class declares ``default_size`` (None: dataset.image_size is required),
+# ``fixed_size`` (the default is the only size), ``natural_images`` (random flips on by default),
+# ``channels_of(dataset_config)`` and ``from_config(dataset_config, size, split, use_cache)``; its instances have
+# ``image_shape`` (C, H, W), items ``(image, label)`` (see above) and ``class_names`` when labelled.
 DATASETS = {"twoscale": TwoScaleDataset, "cifar10": CIFAR10, "celeba": CelebA, "image_folder": ImageFolder}
-ALIASES = {"celeba32": ("celeba", 32), "celeba64": ("celeba", 64)}
-DEFAULT_SIZE = {"twoscale": 16, "cifar10": 32, "celeba": 64, "image_folder": None}
+ALIASES = {"celeba32": ("celeba", 32), "celeba64": ("celeba", 64)}  # the seeds' names: a dataset at a fixed size
+
+
+def dataset_names() -> list[str]:
+    """Every valid ``dataset.name`` (the config's choices)."""
+    return sorted(DATASETS) + sorted(ALIASES)
 
 
 def _resolve(name: str, image_size: int | None) -> tuple[str, int | None]:
@@ -18,21 +27,41 @@ def _resolve(name: str, image_size: int | None) -> tuple[str, int | None]:
         base, size = ALIASES[name]
         if image_size not in (None, size):
             raise UserError(f"dataset '{name}' is {size}x{size} but dataset.image_size = {image_size}; "
-                            f"use dataset 'celeba' with image_size {image_size}")
+                            f"use dataset '{base}' with image_size {image_size}")
         return base, size
     if name not in DATASETS:
-        raise UserError(f"unknown dataset '{name}'; valid: {sorted(DATASETS) + sorted(ALIASES)}")
-    if name == "cifar10" and image_size not in (None, 32):
-        raise UserError(f"CIFAR-10 images are 32x32; remove dataset.image_size = {image_size}")
-    return name, image_size or DEFAULT_SIZE[name]
+        raise UserError(f"unknown dataset '{name}'; valid: {dataset_names()}")
+    cls = DATASETS[name]
+    if cls.fixed_size and image_size not in (None, cls.default_size):
+        raise UserError(f"dataset '{name}' images are {cls.default_size}x{cls.default_size}; remove "
+                        f"dataset.image_size = {image_size}")
+    return name, image_size or cls.default_size
+
+
+def dataset_shape(d: DatasetConfig) -> tuple[int, int, int]:
+    """(C, H, W) of a configured dataset without touching the disk."""
+    name, size = _resolve(d.name, d.image_size)
+    if size is None:
+        raise UserError(f"dataset '{name}' needs dataset.image_size")
+    return (DATASETS[name].channels_of(d), size, size)
+
+
+def dataset_from_config(d: DatasetConfig, split: str = "train", use_cache: bool = True):
+    """The configured dataset's ``split`` (``train``/``test``; an image folder maps it onto its subfolders, see
+    ``ImageFolder.from_config``), unflipped: flips are the trainer's, drawn per step (``default_flip``).
+    ``use_cache`` False skips ``dataset.cache`` (lists files without decoding them, e.g. for ``--dry-run``)."""
+    name, size = _resolve(d.name, d.image_size)
+    return DATASETS[name].from_config(d, size, split, use_cache)
+
+
+def default_flip(d: DatasetConfig) -> bool:
+    """Whether training flips images: ``dataset.random_flip``, or when null the dataset's default."""
+    return d.random_flip if d.random_flip is not None else DATASETS[_resolve(d.name, d.image_size)[0]].natural_images
 
 
 def dataset_image_shape(name: str, image_size: int | None = None, channels: int = 3, **_) -> tuple[int, int, int]:
-    """(C, H, W) of a dataset without touching the disk."""
-    name, size = _resolve(name, image_size)
-    if size is None:
-        raise UserError(f"dataset '{name}' needs dataset.image_size")
-    return (channels if name == "twoscale" else 3, size, size)
+    """(C, H, W) of dataset ``name`` (``dataset_shape`` by keywords)."""
+    return dataset_shape(DatasetConfig(name=name, image_size=image_size, channels=channels))
 
 
 def class_names(dataset) -> list[str] | None:
@@ -59,29 +88,12 @@ def evenly_spaced(total: int, count: int) -> list[int]:
     return [i * total // count for i in range(count)]
 
 
-def build_dataset(name: str, *, root: str | None = None, image_size: int | None = None, split: str = "train",
-                  random_flip: bool | None = None, download: bool = False, labels: str = "none",
-                  folder_split: str | None = None, cache: bool = False, cache_dir: str | None = None,
-                  **twoscale_kwargs):
-    """Instantiate a dataset by name (see ``DATASETS``; ``celeba32``/``celeba64`` fix the size).
-
-    ``split`` is the train/test split of cifar10, celeba and twoscale; an image folder reads ``root/folder_split``
-    (``dataset.split``) instead, with ``labels`` from its subfolders or none, except that the held-out split of a
-    ``train``/``test`` tree is ``root/test``: ``split="test"`` with ``dataset.split = "train"`` reads it.
-    ``cache``: decoded-image cache of image folders and CelebA (``cache.py``)."""
-    name, size = _resolve(name, image_size)
-    flip = random_flip if random_flip is not None else name != "twoscale"
-    if name == "twoscale":
-        return TwoScaleDataset(image_size=size, split=split, **twoscale_kwargs)
-    if name == "cifar10":
-        return CIFAR10(root, split=split, random_flip=flip, download=download)
-    if name == "celeba":
-        return CelebA(root, image_size=size, split=split, random_flip=flip, cache=cache, cache_dir=cache_dir)
-    if split == "test" and folder_split == "train":
-        folder_split = "test"  # evaluation's held-out images are the tree's test/ half, never the training images
-    return ImageFolder(root, size, random_flip=flip, labels=labels, split=folder_split, cache=cache,
-                       cache_dir=cache_dir)
+def build_dataset(name: str, *, split: str = "train", folder_split: str | None = None, **keys):
+    """Dataset ``name`` built from ``dataset`` config keys given as keywords (``root``, ``image_size``, ``labels``,
+    ``cache``, the twoscale keys …; ``folder_split`` is ``dataset.split``), for scripts and tests."""
+    return dataset_from_config(DatasetConfig(name=name, split=folder_split, **keys), split)
 
 
-__all__ = ["DATASETS", "build_dataset", "evenly_spaced", "class_names", "class_counts", "dataset_image_shape",
+__all__ = ["DATASETS", "ALIASES", "dataset_names", "dataset_shape", "dataset_from_config", "default_flip",
+           "build_dataset", "evenly_spaced", "class_names", "class_counts", "dataset_image_shape",
            "TwoScaleDataset", "CIFAR10", "CelebA", "ImageFolder"]

@@ -50,13 +50,6 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
-class _Flippable(Dataset):
-    random_flip = False
-
-    def _maybe_flip(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flip(-1) if self.random_flip and torch.rand(()) < 0.5 else x
-
-
 # ------------------------------------------------------------------------------- CIFAR-10
 
 
@@ -124,14 +117,14 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
     return data, labels
 
 
-class CIFAR10(_Flippable):
+class CIFAR10(Dataset):
     """The standard ``cifar-10-batches-py`` pickles; ``root`` is that folder or its parent."""
 
     image_shape = (3, 32, 32)
     class_names = CIFAR_CLASSES
+    default_size, fixed_size, natural_images = 32, True, True
 
-    def __init__(self, root: str | None = None, split: str = "train", random_flip: bool = True,
-                 download: bool = False):
+    def __init__(self, root: str | None = None, split: str = "train", download: bool = False):
         given = root or env_path("CIFAR10_PATH", "cifar-10-batches-py")
         folder = self._find(given)
         if folder is None and download:
@@ -148,7 +141,15 @@ class CIFAR10(_Flippable):
             data.append(images)
             labels += batch_labels
         self.images = np.concatenate(data).transpose(0, 2, 3, 1)  # NHWC uint8
-        self.labels, self.random_flip = labels, random_flip
+        self.labels = labels
+
+    @staticmethod
+    def channels_of(d) -> int:
+        return 3
+
+    @classmethod
+    def from_config(cls, d, size: int, split: str, use_cache: bool) -> CIFAR10:
+        return cls(d.root, split=split, download=d.download)
 
     @staticmethod
     def _find(root: str | None) -> Path | None:
@@ -175,7 +176,7 @@ class CIFAR10(_Flippable):
         return len(self.images)
 
     def __getitem__(self, i: int):
-        return self._maybe_flip(to_tensor(self.images[i])), int(self.labels[i])
+        return to_tensor(self.images[i]), int(self.labels[i])
 
 
 # --------------------------------------------------------------------------- image files
@@ -213,7 +214,7 @@ def image_files(folder: Path) -> list[Path]:
             for name in sorted(names) if name.lower().endswith(IMAGE_EXTENSIONS)]
 
 
-class ImageFolder(_Flippable):
+class ImageFolder(Dataset):
     """Images below ``root`` (or ``root/split``), resized and center-cropped to ``image_size``.
 
     ``labels="none"``: every image below the folder (recursive), label −1. ``labels="subfolders"``: the
@@ -225,8 +226,9 @@ class ImageFolder(_Flippable):
     labels: list[int] | None = None
     class_names: list[str] | None = None
     images: np.ndarray | None = None  # the decoded cache, when used
+    default_size, fixed_size, natural_images = None, False, True
 
-    def __init__(self, root: str | None, image_size: int | None, random_flip: bool = True, labels: str = "none",
+    def __init__(self, root: str | None, image_size: int | None, labels: str = "none",
                  split: str | None = None, cache: bool = False, cache_dir: str | None = None):
         root = root or env_value("IMAGE_FOLDER_PATH")
         if not root:
@@ -250,10 +252,21 @@ class ImageFolder(_Flippable):
             raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
         self.folder = folder
         self.image_shape = (3, image_size, image_size)
-        self.size, self.random_flip = image_size, random_flip
-        self.crop = None
+        self.size, self.crop = image_size, None
         if cache:
             self.use_cache(cache_dir)
+
+    @staticmethod
+    def channels_of(d) -> int:
+        return 3
+
+    @classmethod
+    def from_config(cls, d, size: int | None, split: str, use_cache: bool) -> ImageFolder:
+        """``dataset.split`` is the subfolder; the held-out split of a ``train``/``test`` tree is ``root/test``, so
+        ``split="test"`` with ``dataset.split = "train"`` reads it (evaluation never scores the training images)."""
+        folder_split = "test" if split == "test" and d.split == "train" else d.split
+        return cls(d.root, size, labels=d.labels, split=folder_split, cache=d.cache and use_cache,
+                   cache_dir=d.cache_dir)
 
     def _read_classes(self, folder: Path) -> None:
         names = find_classes(folder)
@@ -281,7 +294,7 @@ class ImageFolder(_Flippable):
 
     def __getitem__(self, i: int):
         image = np.array(self.images[i]) if self.images is not None else load_image(self.files[i], self.size, self.crop)
-        return self._maybe_flip(to_tensor(image)), (self.labels[i] if self.labels is not None else -1)
+        return to_tensor(image), (self.labels[i] if self.labels is not None else -1)
 
 
 class CelebA(ImageFolder):
@@ -291,8 +304,10 @@ class CelebA(ImageFolder):
     which selects the split; without it every image is used), or ``img_align_celeba`` itself.
     """
 
+    default_size = 64
+
     def __init__(self, root: str | None = None, image_size: int = 64, split: str = "train",
-                 random_flip: bool = True, cache: bool = False, cache_dir: str | None = None):
+                 cache: bool = False, cache_dir: str | None = None):
         given = root or env_path("CELEBA_PATH", "celeba")
         folder = self._find(given)
         if folder is None:
@@ -307,11 +322,15 @@ class CelebA(ImageFolder):
             files = [f for f in files if f.name in names]
         if not files:
             raise UserError(f"no CelebA images for split '{split}' in {folder}")
-        self.files, self.size, self.random_flip = files, image_size, random_flip
+        self.files, self.size = files, image_size
         self.image_shape = (3, image_size, image_size)
         self.crop, self.folder = CELEBA_CROP, folder
         if cache:
             self.use_cache(cache_dir)
+
+    @classmethod
+    def from_config(cls, d, size: int, split: str, use_cache: bool) -> CelebA:
+        return cls(d.root, image_size=size, split=split, cache=d.cache and use_cache, cache_dir=d.cache_dir)
 
     @staticmethod
     def _find(root: str | None) -> Path | None:

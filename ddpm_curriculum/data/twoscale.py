@@ -79,6 +79,18 @@ def _prototypes(basis: np.ndarray, count: int, rng: np.random.Generator) -> np.n
 class TwoScaleDataset(Dataset):
     """The two-scale mixture. Items are ``(x [C,H,W] float32, label = k·K2 + j)``."""
 
+    # no flips: a mirrored prototype is not a prototype
+    default_size, fixed_size, natural_images = 16, False, False
+
+    @classmethod
+    def from_config(cls, d, size: int, split: str, use_cache: bool) -> TwoScaleDataset:
+        return cls(image_size=size, channels=d.channels, k1=d.k1, k2=d.k2, alpha1=d.alpha1, alpha2=d.alpha2,
+                   sigma0=d.sigma0, num_samples=d.num_samples, seed=d.seed, split=split)
+
+    @staticmethod
+    def channels_of(d) -> int:
+        return d.channels
+
     def __init__(self, image_size: int = 16, channels: int = 3, k1: int = 4, k2: int = 4, alpha1: float = 0.6,
                  alpha2: float = 0.15, sigma0: float = 0.05, num_samples: int = 16384, seed: int = 0,
                  split: str = "train"):

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from ..errors import UserError
 from .gaussian import GaussianDiffusion
 from .seed_api import translate
-from .timestep_sampling import logsnr_range_indices, sample_from_probs
+from .timestep_sampling import TimestepSampler, check_probs, logsnr_range_indices
 
 SPACES = ("t", "logsnr")
 
@@ -60,7 +59,7 @@ class CurriculumDiffusion(GaussianDiffusion):
         if space not in SPACES:
             raise UserError(f"unknown curriculum space {space!r}; choose one of {list(SPACES)}")
         self.space = space
-        self._probs, self._cdf = None, {}
+        self._probs, self._samplers = None, {}
         self.set_time_range(0.0, 1.0)
 
     def range_indices(self, t_min: float, t_max: float) -> tuple[int, int]:
@@ -73,33 +72,27 @@ class CurriculumDiffusion(GaussianDiffusion):
         """Train on the fractions [t_min, t_max) of T (or of the log-SNR range); see ``range_indices``."""
         self._range = self.range_indices(t_min, t_max)
         self.t_min, self.t_max = float(t_min), float(t_max)
+        self._samplers = {}
 
     def set_timestep_probs(self, probs) -> None:
         """Draw t i.i.d. from ``probs`` (array-like [T], sums to 1) instead of the time range; None undoes it."""
-        if probs is None:
-            self._probs, self._cdf = None, {}
-            return
-        probs = np.asarray(probs, dtype=np.float64)
-        if probs.shape != (self.timesteps,) or (probs < 0).any() or abs(probs.sum() - 1.0) > 1e-6:
-            raise UserError(f"timestep probabilities must be {self.timesteps} non-negative numbers summing to 1")
-        self._probs, self._cdf = probs, {}
+        self._probs = None if probs is None else check_probs(probs, self.timesteps)
+        self._samplers = {}
+
+    def timestep_sampler(self, device="cpu") -> TimestepSampler:
+        """The stateless sampler of the current range or histogram (the trainer builds its own per stage)."""
+        device = torch.device(device)
+        if device not in self._samplers:
+            self._samplers[device] = TimestepSampler(*self._range) if self._probs is None else \
+                TimestepSampler.for_stage(self, self.t_min, self.t_max, self._probs, device)
+        return self._samplers[device]
 
     @property
     def time_range(self) -> tuple[int, int]:
         """Current (lo, hi) integer timesteps, both inclusive (the histogram's support when one is set)."""
-        if self._probs is not None:
-            support = np.flatnonzero(self._probs > 0)
-            return int(support[0]), int(support[-1])
-        return self._range
+        return self.timestep_sampler().time_range
 
     def sample_timesteps(self, batch_size: int, device="cpu", generator=None) -> torch.Tensor:
         """t ~ Uniform{lo, …, hi} (or the histogram) → LongTensor [batch_size] on ``device``, drawn with
         ``generator``."""
-        if self._probs is not None:
-            device = torch.device(device)
-            if device not in self._cdf:
-                cdf = np.cumsum(self._probs)
-                self._cdf[device] = torch.from_numpy(cdf / cdf[-1]).to(device)
-            return sample_from_probs(self._cdf[device], batch_size, generator)
-        lo, hi = self._range
-        return torch.randint(lo, hi + 1, (batch_size,), device=device, generator=generator)
+        return self.timestep_sampler(device).sample(batch_size, device=device, generator=generator)

@@ -24,6 +24,8 @@ A curriculum changes two things at once: the *order* in which noise levels are s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -100,6 +102,46 @@ def sample_from_probs(probs_cdf: torch.Tensor, batch_size: int, generator=None) 
     """Inverse-CDF draw of ``batch_size`` timesteps from a float64 CDF [T] (on the target device) → long [B]."""
     u = torch.rand(batch_size, generator=generator, device=probs_cdf.device, dtype=torch.float64)
     return torch.searchsorted(probs_cdf, u, right=True).clamp_(max=len(probs_cdf) - 1)
+
+
+@dataclass(frozen=True)
+class TimestepSampler:
+    """Which t the training steps of one stage draw, with no state (in the manner of improved-diffusion's
+    ScheduleSampler): uniform over ``lo … hi`` (both inclusive), or i.i.d. from a histogram given by its float64
+    CDF [T] on the device (``cdf``; ``lo``/``hi`` are then its support). The trainer gets one per stage from the
+    stage plan (``for_stage``), so nothing has to be set again at a stage start or after a resume."""
+
+    lo: int
+    hi: int
+    cdf: torch.Tensor | None = None
+
+    @classmethod
+    def for_stage(cls, diffusion, t_min: float, t_max: float, probs=None, device="cpu") -> TimestepSampler:
+        """The stage (t_min, t_max) of ``diffusion``'s curriculum space, or the histogram ``probs`` [T] (whose
+        support then replaces the range; ``check_probs``)."""
+        if probs is None:
+            return cls(*diffusion.range_indices(t_min, t_max))
+        probs = check_probs(probs, diffusion.timesteps)
+        support, cdf = np.flatnonzero(probs > 0), np.cumsum(probs)
+        return cls(int(support[0]), int(support[-1]), torch.from_numpy(cdf / cdf[-1]).to(device))
+
+    @property
+    def time_range(self) -> tuple[int, int]:
+        return self.lo, self.hi
+
+    def sample(self, batch_size: int, device="cpu", generator=None) -> torch.Tensor:
+        """t → LongTensor [batch_size] on ``device`` (the CDF's device for a histogram), drawn with ``generator``."""
+        if self.cdf is not None:
+            return sample_from_probs(self.cdf, batch_size, generator)
+        return torch.randint(self.lo, self.hi + 1, (batch_size,), device=device, generator=generator)
+
+
+def check_probs(probs, timesteps: int) -> np.ndarray:
+    """``probs`` as float64 [T]; UserError unless it is T non-negative numbers summing to 1."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.shape != (timesteps,) or (probs < 0).any() or abs(probs.sum() - 1.0) > 1e-6:
+        raise UserError(f"timestep probabilities must be {timesteps} non-negative numbers summing to 1")
+    return probs
 
 
 def logsnr_positions(alphas_bar: np.ndarray) -> np.ndarray:

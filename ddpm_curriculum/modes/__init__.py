@@ -185,6 +185,11 @@ MODES: dict[str, Mode] = {m.name: m for m in [
 ]}
 
 
+def mode_names() -> list[str]:
+    """Every valid ``mode`` (the config's choices)."""
+    return list(MODES)
+
+
 def get_mode(name: str) -> Mode:
     if name not in MODES:
         raise UserError(f"config key 'mode' = {name!r} is not a mode; choose one of {list(MODES)} (or null: "
@@ -245,4 +250,4 @@ def mode_of(cfg) -> Mode:
     return MODES[cfg.mode]
 
 
-__all__ = ["Mode", "MODES", "get_mode", "apply_mode_key", "resolve_mode", "mode_of"]
+__all__ = ["Mode", "MODES", "mode_names", "get_mode", "apply_mode_key", "resolve_mode", "mode_of"]

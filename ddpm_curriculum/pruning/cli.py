@@ -31,6 +31,7 @@ import torch
 from ..atomic import atomic_write
 from ..config import config_from_dict
 from ..errors import UserError
+from ..sampling import spec_from_sample_steps
 from ..training.checkpoint import FORMAT_VERSION, atomic_torch_save, load_network
 from ..training.reporting import evaluate_samples, save_grid
 from .magnitude import SCOPES, magnitude_masks, random_masks
@@ -202,10 +203,10 @@ def preview(net, args, model, path: Path, device) -> None:
         return
     from ..training import builders
 
-    g = torch.Generator().manual_seed(args.seed)
-    noise = torch.randn((args.preview_samples, *builders.image_shape(net.config)), generator=g)
+    # images 0 … n−1 of generate.py --seed args.seed with the sampler of --sample_steps (train.sample_steps)
     steps = net.config.train.sample_steps if args.sample_steps is None else args.sample_steps
-    save_grid(net.diffusion, model.to(device), noise, steps, path, device, args.batch_size)
+    save_grid(net.diffusion, model.to(device), spec_from_sample_steps(steps), args.seed, args.preview_samples,
+              builders.image_shape(net.config), path, device, args.batch_size)
 
 
 def prune(net, args) -> tuple[dict, dict]:

@@ -115,17 +115,12 @@ def size_row(net) -> dict:
 
 
 def _sampler(net, s: Settings):
+    """One timed unit: DDIM with ``s.steps`` steps on images 0 … batch−1 of ``generate.py --seed s.seed``."""
+    from ..sampling import sample_batch, spec_from_sample_steps
     from ..training import builders
-    from ..training.reporting import generate
 
-    x_T = torch.randn((s.batch, *builders.image_shape(net.config)), generator=torch.Generator().manual_seed(s.seed))
-    model = net.model
-
-    def fn():
-        with torch.no_grad():
-            return generate(net.diffusion, model, x_T, s.steps)
-
-    return fn
+    shape, spec = builders.image_shape(net.config), spec_from_sample_steps(s.steps)
+    return lambda: sample_batch(net.diffusion, net.model, spec, range(s.batch), s.seed, shape, "cpu")
 
 
 def _proc_status_bytes(key: str) -> int | None:

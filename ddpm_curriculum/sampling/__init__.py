@@ -1,9 +1,11 @@
-"""Reproducible sampling: per-image noise streams, DDIM / ancestral batch sampling, and resumable,
-torchrun-sharded generation into a folder of PNGs (``generate.py``)."""
+"""Reproducible sampling: per-image noise streams, the sampler registry (``SAMPLERS``: ancestral DDPM, DDIM) and
+batch sampling, and resumable, torchrun-sharded generation into a folder of PNGs (``generate.py``)."""
 
 from .folder import GenerateResult, generate_to_folder, load_folder, sample_name, shard
 from .noise import PerImageNoise, chunk_steps, image_seed
-from .samplers import SamplerSpec, from_uint8, sample_batch, to_uint8
+from .samplers import (SAMPLERS, Sampler, SamplerSpec, from_uint8, get_sampler, normalize_sampler_dict, sample_batch,
+                       spec_from_sample_steps, to_uint8)
 
-__all__ = ["SamplerSpec", "sample_batch", "to_uint8", "from_uint8", "PerImageNoise", "image_seed", "chunk_steps",
+__all__ = ["SAMPLERS", "Sampler", "SamplerSpec", "get_sampler", "spec_from_sample_steps", "normalize_sampler_dict",
+           "sample_batch", "to_uint8", "from_uint8", "PerImageNoise", "image_seed", "chunk_steps",
            "generate_to_folder", "GenerateResult", "load_folder", "sample_name", "shard"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import dist
 from ..errors import UserError, check_output_file
-from .samplers import SamplerSpec
+from .samplers import SAMPLERS, SamplerSpec
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -20,7 +20,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ema.add_argument("--no-ema", dest="use_ema", action="store_false", help="use the raw (non-EMA) weights")
     ema.add_argument("--use-ema", dest="use_ema", action="store_true", default=True,
                      help="use the EMA weights (default; falls back to raw weights when there is no EMA)")
-    p.add_argument("--use-ddim", action="store_true", help="DDIM instead of full ancestral DDPM sampling")
+    p.add_argument("--sampler", metavar="NAME",
+                   help=f"sampler: one of {', '.join(sorted(SAMPLERS))} (sampling/samplers.py SAMPLERS); default "
+                        f"ancestral, or ddim with --use-ddim")
+    p.add_argument("--use-ddim", action="store_true", help="DDIM instead of full ancestral DDPM sampling "
+                                                           "(= --sampler ddim)")
     p.add_argument("--ddim-steps", "--subseq-size", dest="ddim_steps", type=int, default=100,
                    help="DDIM: number of timesteps visited (default 100)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM: η (0 = deterministic, 1 = DDPM-like noise)")
@@ -95,9 +99,18 @@ def _check_args(args) -> None:
 
 
 def sampler_tag(spec: SamplerSpec, timesteps: int) -> str:
-    """Short folder-name form of the sampler, e.g. ``ddim100-uniform-eta0`` or ``ddpm1000``."""
-    tag = f"ddim{spec.steps}-{spec.skip_type}-eta{spec.eta:g}" if spec.use_ddim else f"ddpm{timesteps}"
-    return tag if spec.t_max is None else f"{tag}-tmax{spec.t_max}"
+    """Short folder-name form of the sampler, e.g. ``ddim100-uniform-eta0`` or ``ddpm1000`` (``SamplerSpec.tag``)."""
+    return spec.tag(timesteps)
+
+
+def sampler_name(args) -> str:
+    """``--sampler``, or what ``--use-ddim`` (and seed 003's DDIM options) imply."""
+    if args.sampler is None:
+        return "ddim" if args.use_ddim else "ancestral"
+    if args.use_ddim and args.sampler != "ddim":
+        raise UserError(f"--sampler {args.sampler} contradicts --use-ddim (or seed 003's --ddim_steps / --skip_type, "
+                        f"which imply it); drop one")
+    return args.sampler
 
 
 def conditioning_tag(conditioning: dict | None) -> str:
@@ -125,7 +138,7 @@ def main(argv=None) -> int:
         if args.dataset and args.dataset != net.config.dataset.name:
             raise UserError(f"--dataset {args.dataset} but {net.source} was trained on "
                             f"'{net.config.dataset.name}'; drop --dataset or pick the right checkpoint")
-        spec = SamplerSpec(use_ddim=args.use_ddim, steps=args.ddim_steps, eta=args.eta,
+        spec = SamplerSpec(name=sampler_name(args), steps=args.ddim_steps, eta=args.eta,
                            skip_type=args.skip_type, t_max=args.t_max)
         spec.validate(net.diffusion.timesteps)
         classes = args.class_label if args.class_label is not None else args.classes

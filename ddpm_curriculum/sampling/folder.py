@@ -40,7 +40,7 @@ from ..config import read_json_file
 from ..data.images import IMAGE_ERRORS
 from ..errors import UserError
 from .guidance import image_labels
-from .samplers import SamplerSpec, sample_batch, to_uint8
+from .samplers import SamplerSpec, normalize_sampler_dict, sample_batch, to_uint8
 
 MANIFEST = "generate.json"
 # manifest entries that must match for a rerun to continue a folder (the checkpoint path may move);
@@ -160,6 +160,7 @@ def _prepare_dir(save_dir: Path, manifest: dict) -> tuple[str | None, dict | Non
         except UserError as exc:
             return (f"{exc}; it was not written by this version of generate.py or was edited: delete "
                     f"{save_dir} or choose another --save-dir"), None
+        old = {**old, "sampler": normalize_sampler_dict(old.get("sampler"))}  # {"use_ddim": …} of older mains
         diff = [k for k in MANIFEST_KEYS if old.get(k) != manifest[k]]
         if diff:
             return (f"{save_dir} holds images generated with other settings ({', '.join(diff)} differ: "

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import Config, DatasetConfig
-from ..data import build_dataset, class_names, dataset_image_shape
+from ..config import Config
+from ..data import class_names, dataset_from_config, dataset_shape, default_flip
 from ..diffusion import CurriculumDiffusion, make_betas, make_loss_weights, matched_histogram
 from ..errors import UserError
 from ..modes import mode_of
@@ -14,28 +14,15 @@ from ..models import build_model
 from ..models.widths import set_widths
 
 
-def twoscale_kwargs(d: DatasetConfig) -> dict:
-    return dict(channels=d.channels, k1=d.k1, k2=d.k2, alpha1=d.alpha1, alpha2=d.alpha2,
-                sigma0=d.sigma0, num_samples=d.num_samples, seed=d.seed)
-
-
-def _ts(d: DatasetConfig) -> dict:
-    return twoscale_kwargs(d) if d.name == "twoscale" else {}
-
-
 def image_shape(cfg: Config) -> tuple[int, int, int]:
     """(C, H, W) of the configured dataset, without reading it from disk."""
-    d = cfg.dataset
-    return tuple(dataset_image_shape(d.name, image_size=d.image_size, **_ts(d)))
+    return dataset_shape(cfg.dataset)
 
 
 def make_dataset(cfg: Config, split: str = "train", use_cache: bool = True):
     """The training dataset, unflipped: flips are drawn per step by the trainer (exact resume). ``use_cache``
     False skips ``dataset.cache`` (listing the files without decoding them, e.g. for ``--dry-run``)."""
-    d = cfg.dataset
-    return build_dataset(d.name, root=d.root, image_size=d.image_size, split=split, random_flip=False,
-                         download=d.download, labels=d.labels, folder_split=d.split, cache=d.cache and use_cache,
-                         cache_dir=d.cache_dir, **_ts(d))
+    return dataset_from_config(cfg.dataset, split, use_cache)
 
 
 def _short(names: list[str]) -> str:
@@ -68,8 +55,7 @@ def check_labels(cfg: Config, dataset) -> int:
 
 
 def use_random_flip(cfg: Config) -> bool:
-    d = cfg.dataset
-    return d.random_flip if d.random_flip is not None else d.name != "twoscale"
+    return default_flip(cfg.dataset)
 
 
 def make_model(cfg: Config, name: str | None = None) -> nn.Module:

@@ -12,7 +12,6 @@ from torchvision.utils import save_image
 
 from .. import dist
 from ..atomic import atomic_write
-from ..diffusion import ddim_sample
 from ..errors import UserError
 
 
@@ -159,62 +158,52 @@ class MetricsLog:
 
 
 @torch.no_grad()
-def generate(diffusion, model, x_T: torch.Tensor, steps: int, generator=None) -> torch.Tensor:
-    """Samples from noise ``x_T`` [N,C,H,W]: DDIM with ``steps`` steps (η=0), or ancestral when 0."""
+def sample_images(diffusion, model, spec, indices, seed: int, shape, device, batch_size: int,
+                  labels=None) -> torch.Tensor:
+    """uint8 [N, H, W, C]: images ``indices`` exactly as ``generate.py --seed seed`` makes them with ``spec``
+    (``sampling.sample_batch``: one noise stream per image, on ``device``), quantised like saved PNGs; ``labels``
+    (one per index) for a class-conditional network. The model is sampled in eval mode."""
+    from ..sampling import sample_batch, to_uint8
+
+    indices = list(indices)
+    if not indices:
+        return torch.empty((0, *shape[1:], shape[0]), dtype=torch.uint8)
+    labels = None if labels is None else [int(y) for y in labels]
     was_training = model.training
     model.eval()
     try:
-        if steps > 0:
-            return ddim_sample(diffusion, model, x_T, steps=steps, eta=0.0, generator=generator)
-        return diffusion.p_sample_loop(model, x_T, generator=generator)
+        return torch.cat([to_uint8(sample_batch(diffusion, model, spec, indices[lo:lo + batch_size], seed, shape,
+                                                device, labels=None if labels is None else labels[lo:lo + batch_size]))
+                          for lo in range(0, len(indices), batch_size)])
     finally:
         model.train(was_training)
 
 
-def to_uint8_range(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] model space → [0, 1] quantised to 256 levels, as saved PNGs are."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 255.0
-
-
-def save_grid(diffusion, model, noise: torch.Tensor, steps: int, path: Path, device, batch_size: int = 256,
-              nrow: int | None = None):
-    """Sample from fixed ``noise`` and save an image grid at ``path`` (``nrow`` images per row; default square).
-
-    A ``ClassConditioned`` model's labels are sliced along with the noise batches."""
-    from ..sampling.guidance import ClassConditioned
-
-    g = torch.Generator(device=device).manual_seed(0)
-    out = []
-    for i in range(0, len(noise), batch_size):
-        part = model if not isinstance(model, ClassConditioned) else \
-            ClassConditioned(model.model, model.y[i:i + batch_size], model.guidance)
-        out.append(generate(diffusion, part, noise[i:i + batch_size].to(device), steps, g).cpu())
-    x = torch.cat(out)
+def save_grid(diffusion, model, spec, seed: int, num_images: int, image_shape, path: Path, device,
+              batch_size: int = 256, nrow: int | None = None, labels=None) -> None:
+    """Images 0 … num_images−1 of ``generate.py --seed seed`` with sampler ``spec`` (``sample_images``) as one
+    grid PNG at ``path`` (``nrow`` images per row; default square). The same seed gives the same noise every
+    time, so grids over training are comparable. ``labels``: the class of each image (conditional networks)."""
+    images = sample_images(diffusion, model, spec, range(num_images), seed, image_shape, device, batch_size, labels)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(to_uint8_range(x), path, nrow=nrow or max(1, int(len(x) ** 0.5)))
+    # k/255 → save_image's round(·255) gives back k: every tile is generate.py's PNG, byte for byte
+    save_image(images.permute(0, 3, 1, 2).float() / 255, path, nrow=nrow or max(1, int(num_images ** 0.5)))
 
 
 @torch.no_grad()
 def eval_samples(diffusion, model, shape, num_samples: int, sample_steps: int, seed: int, batch_size: int,
                  device) -> torch.Tensor:
-    """uint8 [N, H, W, C]: images 0 … num_samples−1 exactly as ``generate.py --seed seed`` makes them (DDIM with
-    ``sample_steps`` steps and η = 0, or ancestral when 0; one noise stream per image), quantised like saved PNGs.
-    A class-conditional network samples ``--classes balanced`` (image i has class i mod num_classes), w = 0."""
-    from ..sampling import SamplerSpec, sample_batch, to_uint8
+    """uint8 [N, H, W, C]: images 0 … num_samples−1 exactly as ``generate.py --seed seed`` makes them with the
+    sampler of ``sample_steps`` (``spec_from_sample_steps``: DDIM with that many steps and η = 0, or ancestral
+    when 0). A class-conditional network samples ``--classes balanced`` (image i has class i mod num_classes),
+    w = 0."""
+    from ..sampling import spec_from_sample_steps
     from ..sampling.guidance import image_labels, num_classes_of
 
     k = num_classes_of(model)
-
-    spec = SamplerSpec(use_ddim=sample_steps > 0, steps=max(sample_steps, 1))
-    was_training = model.training
-    model.eval()
-    try:
-        return torch.cat([to_uint8(sample_batch(diffusion, model, spec, batch, seed, shape, device,
-                                                labels=image_labels("balanced", batch, k) if k else None))
-                          for lo in range(0, num_samples, batch_size)
-                          for batch in [range(lo, min(num_samples, lo + batch_size))]])
-    finally:
-        model.train(was_training)
+    labels = image_labels("balanced", range(num_samples), k) if k else None
+    return sample_images(diffusion, model, spec_from_sample_steps(sample_steps), range(num_samples), seed, shape,
+                         device, batch_size, labels)
 
 
 def sample_oracle_metrics(diffusion, model, dataset, num_samples: int, sample_steps: int, seed: int,
@@ -274,5 +263,6 @@ def _without_sample_metrics(ev):
 
 
 def _sampler_name(cfg) -> str:
-    s = cfg.train.sample_steps
-    return f"ddim-{s} (eta 0)" if s > 0 else f"ancestral-{cfg.diffusion.timesteps}"
+    from ..sampling import spec_from_sample_steps
+
+    return spec_from_sample_steps(cfg.train.sample_steps).describe(cfg.diffusion.timesteps)

@@ -27,8 +27,9 @@ from tqdm import tqdm
 
 from .. import dist
 from ..config import Config, config_from_dict
+from ..diffusion.timestep_sampling import TimestepSampler
 from ..errors import UserError, interrupt_note
-from ..sampling.guidance import ClassConditioned
+from ..sampling import spec_from_sample_steps
 from . import builders, seed_api
 from .checkpoint import FORMAT_VERSION, check_compatible, save_checkpoint
 from .early_stop import EarlyStop
@@ -119,7 +120,8 @@ class CurriculumTrainer:
         self.sampler = ShardedBatchSampler(len(self.dataset), t.batch_size, self.rank, self.world, t.seed)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = total_steps(cfg, self.steps_per_epoch)
-        self.diffusion.set_timestep_probs(builders.timestep_probs(cfg, self.diffusion, self.steps_per_epoch))
+        self.timestep_probs = builders.timestep_probs(cfg, self.diffusion, self.steps_per_epoch)
+        self._timestep_samplers: dict[int, TimestepSampler] = {}
         self.pacing = PACINGS[cfg.curriculum.pacing](cfg, self.steps_per_epoch)
         self.plan = self.pacing.plan()
         self.step = 0
@@ -141,11 +143,11 @@ class CurriculumTrainer:
                               sink=tensorboard) \
             if dist.is_main() else MetricsLog(None, NUM_T_BINS, self.diffusion.timesteps, device)
         self._stop_requested = False
-        # Fixed noise (and labels) for sample grids, so grids over training are comparable.
+        # Sample grids: images 0 … n−1 of generate.py --seed train.seed with the train.sample_steps sampler (fixed
+        # per-image noise streams, and fixed labels), so grids over training are comparable.
         self.grid_labels, self.grid_rows = grid_layout(t.num_samples, self.num_classes)
-        g = torch.Generator().manual_seed(mix_seed(t.seed, 0x6121D))
-        n_grid = t.num_samples if self.grid_labels is None else len(self.grid_labels)
-        self.grid_noise = torch.randn((n_grid, *self.image_shape), generator=g)
+        self.grid_size = t.num_samples if self.grid_labels is None else len(self.grid_labels)
+        self.grid_spec = spec_from_sample_steps(t.sample_steps)
 
     @classmethod
     def from_configs(cls, curriculum_config: dict | None = None, sparsity_config: dict | None = None,
@@ -240,11 +242,23 @@ class CurriculumTrainer:
                 break
         return False
 
+    def timesteps_for(self, stage) -> TimestepSampler:
+        """The timesteps ``stage`` trains on (its range, or the matched histogram): a stateless object that the
+        stage plan determines, so nothing is set at a stage start or restored after a resume."""
+        if stage.index not in self._timestep_samplers:
+            self._timestep_samplers[stage.index] = TimestepSampler.for_stage(
+                self.diffusion, stage.t_min, stage.t_max, self.timestep_probs, self.device)
+        return self._timestep_samplers[stage.index]
+
+    @property
+    def timesteps(self) -> TimestepSampler:
+        """The timesteps of the stage in force: the last one entered (a pacing may end a stage early)."""
+        return self.timesteps_for(self.plan[max(self.stage_entered, 0)])
+
     def _enter_stage(self, stage) -> None:
-        self.diffusion.set_time_range(stage.t_min, stage.t_max)
         # One line per stage start in transitions.jsonl; extensions add their fields in on_stage_start.
         self.transition = {"step": self.step, "stage": stage.name, "stage_index": stage.index,
-                           "t_range": list(self.diffusion.time_range)}
+                           "t_range": list(self.timesteps_for(stage).time_range)}
         for ext in self.extensions:
             ext.on_stage_start(self, stage)
         self.stage_entered = stage.index
@@ -324,7 +338,7 @@ class CurriculumTrainer:
         g = step_generator(self.cfg.train.seed, self.step, self.device)
         lo = self.rank * (global_batch // self.world)
         sl = slice(lo, lo + global_batch // self.world)
-        t = self.diffusion.sample_timesteps(global_batch, device=self.device, generator=g)[sl]
+        t = self.timesteps.sample(global_batch, device=self.device, generator=g)[sl]
         noise = torch.randn((global_batch, *self.image_shape), generator=g, device=self.device)[sl]
         x0 = images.to(self.device, non_blocking=True)
         if self.flip:
@@ -368,7 +382,7 @@ class CurriculumTrainer:
             for ext in self.extensions:
                 fields.update(ext.log_fields(self))
             rec = self.log.flush(step=self.step, epoch=self.step / self.steps_per_epoch, stage=stage.name,
-                                 t_range=list(self.diffusion.time_range), lr=self.scheduler.get_last_lr()[0],
+                                 t_range=list(self.timesteps.time_range), lr=self.scheduler.get_last_lr()[0],
                                  **fields)
             if rec is not None:
                 self.img_per_sec = rec["img_per_sec"]
@@ -398,7 +412,7 @@ class CurriculumTrainer:
         "skipped" for a step skipped for a non-finite loss), and the speed of the last logged interval."""
         if bar.disable:
             return
-        lo, hi = self.diffusion.time_range
+        lo, hi = self.timesteps.time_range
         speed = f" {self.img_per_sec:.0f} img/s" if self.img_per_sec else ""
         shown = "skipped" if loss is None else f"{loss:.4f}"
         bar.set_postfix_str(f"{stage.name} t∈[{lo},{hi}] loss={shown}{speed}", refresh=False)
@@ -411,11 +425,9 @@ class CurriculumTrainer:
             return
         if dist.is_main():
             path = self.run_dir / "samples" / f"step{self.step:08d}_{tag}.png"
-            model = self.sampling_model()
-            if self.grid_labels is not None:  # one row per class, without guidance
-                model = ClassConditioned(model, self.grid_labels)
-            save_grid(self.diffusion, model, self.grid_noise, self.cfg.train.sample_steps, path, self.device,
-                      nrow=self.grid_rows)
+            # one row per class for a conditional network (grid_labels), without guidance
+            save_grid(self.diffusion, self.sampling_model(), self.grid_spec, self.cfg.train.seed, self.grid_size,
+                      self.image_shape, path, self.device, nrow=self.grid_rows, labels=self.grid_labels)
         dist.barrier()
 
     def _stop(self) -> None:
@@ -566,8 +578,6 @@ class CurriculumTrainer:
         self.plan = self.pacing.plan()
         self._check_resumed_lengths(state)
         self.stage_entered = int(state.get("stage_entered", -1))
-        if self.stage_entered >= 0:
-            self.diffusion.set_time_range(self.plan[self.stage_entered].t_min, self.plan[self.stage_entered].t_max)
         saved = state.get("extensions") or {}
         for ext in self.extensions:
             if ext.name not in saved:
