@@ -139,3 +139,36 @@ def test_config_docs_are_up_to_date():
     doc = (ROOT / "docs" / "config.md").read_text()
     assert doc.strip() == config_markdown().strip(), \
         "regenerate with: python -m ddpm_curriculum.config --markdown > docs/config.md"
+
+
+def test_config_choices_are_the_registries():
+    """Every choices list of config.py that names registered things equals its registry (or is read from it),
+    so adding a schedule, sampler, pacing, regrowth rule … cannot leave the config behind."""
+    import dataclasses
+
+    from ddpm_curriculum import config as C
+    from ddpm_curriculum.data import dataset_names
+    from ddpm_curriculum.diffusion import BETA_SCHEDULES, LOSS_WEIGHTINGS, LOSSES, PREDICTION_TYPES, VAR_TYPES
+    from ddpm_curriculum.diffusion.curriculum import SPACES
+    from ddpm_curriculum.evaluation.extra import EXTRA_METRICS
+    from ddpm_curriculum.models import GATED_MODEL_NAMES, MODELS
+    from ddpm_curriculum.modes import MODES
+    from ddpm_curriculum.pruning.nm import NM_ORDERS
+    from ddpm_curriculum.sparsity.channel_mask import REGROWTH
+    from ddpm_curriculum.training.plan import PACINGS
+
+    def choices(cls, key):
+        return C._choices({f.name: f for f in dataclasses.fields(cls)}[key].metadata)
+
+    pairs = [((C.DiffusionConfig, "beta_schedule"), BETA_SCHEDULES),
+             ((C.DiffusionConfig, "model_mean_type"), PREDICTION_TYPES),
+             ((C.DiffusionConfig, "model_var_type"), VAR_TYPES), ((C.DiffusionConfig, "loss_type"), LOSSES),
+             ((C.TrainConfig, "loss_weighting"), ["none", *LOSS_WEIGHTINGS]),
+             ((C.CurriculumConfig, "space"), SPACES), ((C.CurriculumConfig, "pacing"), PACINGS),
+             ((C.SparsityConfig, "regrowth_method"), REGROWTH), ((C.SparsityConfig, "location"), GATED_MODEL_NAMES),
+             ((C.MaskProConfig, "order"), NM_ORDERS), ((C.DatasetConfig, "name"), dataset_names()),
+             ((C.Config, "mode"), MODES)]
+    for (cls, key), registry in pairs:
+        assert set(choices(cls, key)) == set(registry), (cls.__name__, key)
+    assert set(choices(C.ModelConfig, "name")) == set(MODELS) - set(GATED_MODEL_NAMES.values()) | {"sparse_unet"}
+    assert set(C.EXTRA_EVAL_METRICS) == set(EXTRA_METRICS)
