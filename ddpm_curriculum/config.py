@@ -47,7 +47,7 @@ def _registry_names(module: str, function: str) -> list[str]:
 # --------------------------------------------------------------------------------------- sections
 
 
-@dataclass
+@dataclass(frozen=True)
 class DatasetConfig:
     name: str = opt("twoscale", "Dataset from the `DATASETS` registry (data/__init__.py): `twoscale` (built-in, no "
                     "download), `cifar10`, `celeba` (`celeba32`/`celeba64` fix image_size), `image_folder`.",
@@ -83,7 +83,7 @@ class DatasetConfig:
     seed: int = opt(0, "twoscale: seed of the prototypes and samples.", lo=0, hi=MAX_SEED)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiffusionConfig:
     timesteps: int = opt(1000, "Number of diffusion steps T.", lo=2, hi=100_000)
     beta_start: float = opt(1e-4, "β_1 of the linear/quad schedules.", lo=0.0, lo_open=True, hi=1.0)
@@ -96,7 +96,7 @@ class DiffusionConfig:
     loss_type: str = opt("mse", "Per-sample loss.", choices=["mse", "l1"])
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = opt("unet", "Network from the `MODELS` registry. Mode CS always builds `sparse_unet` "
                     "(the UNet plus the bottleneck channel gate).", choices=["unet", "sparse_unet"])
@@ -124,7 +124,7 @@ class ModelConfig:
                                              "that differs from the architecture above; null = unpruned.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     lr: float = opt(2e-4, "Peak learning rate.", lo=0.0, lo_open=True)
     batch_size: int = opt(128, "Global batch size (all ranks and accumulation steps together).", lo=1)
@@ -183,7 +183,7 @@ class TrainConfig:
     p2_gamma: float = opt(1.0, "γ of `p2` (the paper uses 0.5 or 1).", lo=0.0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StageConfig:
     t_min: float = opt(0.0, "Lower bound of the stage's timesteps, as a fraction of T.", lo=0.0, hi=1.0)
     t_max: float = opt(1.0, "Upper bound (exclusive; 1.0 includes T−1), fraction of T.", lo=0.0, hi=1.0)
@@ -192,7 +192,7 @@ class StageConfig:
     name: str | None = opt(None, "Stage name used in logs and file names; null = `stage<k>`.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CurriculumConfig:
     enabled: bool = opt(False, "Train stage by stage on growing timestep ranges (mode C); "
                         "false = one full-range stage (baseline).")
@@ -215,7 +215,7 @@ class CurriculumConfig:
                        choices=["stage", "matched_histogram"])
 
 
-@dataclass
+@dataclass(frozen=True)
 class SparsityConfig:
     enabled: bool = opt(False, "Mode CS: a binary mask on the bottleneck channels (the middle block's output) "
                         "that regrows at every stage transition; masked channels' own weights stay frozen.")
@@ -241,7 +241,7 @@ class SparsityConfig:
                            choices=["keep", "zero_out"])
 
 
-@dataclass
+@dataclass(frozen=True)
 class RegularizationConfig:
     enabled: bool = opt(False, "Mode CR: Group-L1 penalty λ·Σ_layers Σ_c ‖W[c]‖₂ over every conv layer, "
                         "λ decaying over the stages.")
@@ -261,7 +261,7 @@ class RegularizationConfig:
                            "this share of the largest channel norm of its layer.", lo=0.0, hi=1.0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MaskProConfig:
     enabled: bool = opt(False, "Mode `prune`: learn N:M masks with MaskPro (phase `learn`) or fine-tune a pruned "
                         "network with its masks fixed (phase `finetune`). Model and diffusion sections are taken "
@@ -294,7 +294,7 @@ class MaskProConfig:
 EXTRA_EVAL_METRICS = ("nll", "spectrum", "fd_classifier")  # evaluation/extra.py's registry, for validation
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExtraEvalOptions:
     """Opt-in metrics of a run's eval.json and of experiment grids (evaluation/extra.py)."""
 
@@ -310,7 +310,7 @@ class ExtraEvalOptions:
                                  "as the reference.", lo=2)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig(ExtraEvalOptions):
     num_samples: int = opt(1024, "Samples generated for the end-of-training evaluation (`eval.json`); "
                            "0 = skip.", lo=0)

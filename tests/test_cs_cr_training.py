@@ -65,19 +65,19 @@ def record_accumulation(monkeypatch):
     seen = []
     original = ChannelSparsity.after_backward
 
-    def after_backward(self, trainer):
+    def after_backward(self, ctx):
         probe = self.model.gate_probe
         if probe is not None and not hasattr(probe, "spied"):
             collect, probe.spied = probe.collect, True
 
             def spy(*size):
                 part = collect(*size)
-                seen.append(("gate", trainer.step, part.double().clone()))
+                seen.append(("gate", ctx.step, part.double().clone()))
                 return part
             probe.collect = spy
         grad = self.model.middle[0].conv2.weight.grad
-        seen.append(("weight", trainer.step, grad.abs().sum(dim=(1, 2, 3)).double().clone()))
-        original(self, trainer)
+        seen.append(("weight", ctx.step, grad.abs().sum(dim=(1, 2, 3)).double().clone()))
+        original(self, ctx)
 
     monkeypatch.setattr(ChannelSparsity, "after_backward", after_backward)
     return seen

@@ -1,11 +1,15 @@
 """The trainer's extension hooks and FrozenEntries (the mechanism behind reserved channels and pruned weights)."""
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
 from ddpm_curriculum.training import CurriculumTrainer
 from ddpm_curriculum.training import trainer as trainer_module
 from ddpm_curriculum.training.checkpoint import load_checkpoint
+from ddpm_curriculum.hooks import HookContext
 from ddpm_curriculum.training.extensions import FrozenEntries, TrainingExtension
 from .helpers import CPU, tiny_cfg
 
@@ -46,26 +50,32 @@ def test_frozen_entries_stay_bit_identical_with_zero_moments(opt_cls, kw):
 
 
 class Recorder(TrainingExtension):
-    """Records hook calls, adds λ·Σ(out_conv weight²) to the loss and keeps a counter as state."""
+    """Records hook calls, adds λ·Σ(out_conv weight²) to the loss, keeps a counter as state and records a field in
+    each stage's transitions.jsonl line and one line per stage end in recorder.jsonl."""
 
     name = "recorder"
 
     def __init__(self, lam=0.0):
         self.events, self.lam, self.steps = [], lam, 0
 
-    def on_stage_start(self, trainer, stage):
-        self.events.append(("stage", trainer.step, stage.name))
+    def on_stage_start(self, ctx, stage):
+        assert isinstance(ctx, HookContext)
+        self.events.append(("stage", ctx.step, stage.name))
+        return {"recorder_steps": self.steps}
 
-    def loss_terms(self, trainer):
-        return {"l2": self.lam * trainer.model.out_conv[2].weight.square().sum()}
+    def loss_terms(self, ctx):
+        return {"l2": self.lam * ctx.model.out_conv[2].weight.square().sum()}
 
-    def after_backward(self, trainer):
-        assert trainer.model.out_conv[2].weight.grad is not None
+    def after_backward(self, ctx):
+        assert ctx.model.out_conv[2].weight.grad is not None
 
-    def after_step(self, trainer):
+    def after_step(self, ctx):
         self.steps += 1
 
-    def log_fields(self, trainer):
+    def on_stage_end(self, ctx, stage):
+        return {"recorder.jsonl": {"step": ctx.step, "stage": stage.name}}
+
+    def log_fields(self, ctx):
         return {"recorder_steps": self.steps}
 
     def state_dict(self):
@@ -100,6 +110,11 @@ def test_hooks_run_at_stage_starts_and_state_survives_resume(tmp_path, recorder)
     full = recorder[-1]
     assert [e for e in full.events if e[0] == "stage"] == [("stage", 0, "high"), ("stage", 5, "full")]
     assert full.steps == 14
+    lines = lambda run, name: [json.loads(x) for x in (tmp_path / run / name).read_text().splitlines()]
+    # on_stage_start's fields join the stage's transitions line; on_stage_end's records go to their file
+    assert [(r["step"], r["stage"], r["recorder_steps"]) for r in lines("a", "transitions.jsonl")] == \
+        [(0, "high", 0), (5, "full", 5)]
+    assert lines("a", "recorder.jsonl") == [{"step": 5, "stage": "high"}, {"step": 14, "stage": "full"}]
     # stop exactly at the stage boundary: the next stage's hook must still run after the resume
     CurriculumTrainer(cfg, tmp_path / "b", CPU, progress=False, stop_at_step=5).train()
     resumed = CurriculumTrainer(cfg, tmp_path / "b", CPU, progress=False,
@@ -107,6 +122,23 @@ def test_hooks_run_at_stage_starts_and_state_survives_resume(tmp_path, recorder)
     resumed.train()
     assert recorder[-1].events == [("stage", 5, "full")] and recorder[-1].steps == 14
     assert load_checkpoint(tmp_path / "b")["extensions"]["recorder"] == {"steps": 14}
+    assert lines("b", "transitions.jsonl") == lines("a", "transitions.jsonl")
+    assert lines("b", "recorder.jsonl") == lines("a", "recorder.jsonl")
+
+
+def test_hooks_get_a_frozen_context_with_the_raw_model_and_the_services(tmp_path):
+    cfg = tiny_cfg("eval.num_samples=0", "train.num_samples=0")
+    trainer = CurriculumTrainer(cfg, tmp_path, CPU, progress=False)
+    ctx = trainer.hook_context()
+    assert ctx.model is trainer.model and ctx.ema_model is trainer.ema.model and ctx.optimizer is trainer.optimizer
+    assert (ctx.step, ctx.world, ctx.grad_scale, ctx.run_dir, ctx.cfg) == (0, 1, 1.0, trainer.run_dir, cfg)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ctx.step = 3
+    assert ctx.probe_loss() == ctx.probe_loss() > 0  # a fixed batch, fixed t and ε
+    state = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in trainer.model.state_dict().items()}
+    ctx.load_weights(state)
+    assert all(float(p.detach().abs().sum()) == 0 for p in trainer.model.parameters())
+    assert all(float(p.abs().sum()) == 0 for p in trainer.ema.model.parameters()) and trainer.ema.num_updates == 0
 
 
 @pytest.mark.slow

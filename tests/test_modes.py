@@ -92,8 +92,8 @@ class HalfL2(TrainingExtension):
 
     name = "half_l2"
 
-    def loss_terms(self, trainer):
-        return {"half_l2": 0.5e-3 * sum(p.pow(2).sum() for p in trainer.model.parameters())}
+    def loss_terms(self, ctx):
+        return {"half_l2": 0.5e-3 * sum(p.pow(2).sum() for p in ctx.model.parameters())}
 
 
 def test_adding_a_mode_is_one_registry_entry(monkeypatch, tmp_path):

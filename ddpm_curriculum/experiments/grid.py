@@ -42,7 +42,7 @@ class ArmConfig:
     set: list[str] = opt([], "--set overrides for this arm (applied after the grid's).")
 
 
-@dataclass
+@dataclass(frozen=True)
 class GridEvalConfig(ExtraEvalOptions):
     num_samples: int = opt(512, "Samples generated per evaluation (the same noise for every arm and seed).", lo=1)
     sample_steps: int = opt(25, "DDIM steps (eta 0) for those samples; 0 = ancestral with T steps.", lo=0)

@@ -5,7 +5,8 @@
   it when the run starts (training choices such as dropout stay the config's).
 - ``MaskedFinetune``: a ``TrainingExtension`` that loads the pruned network at step 0 and keeps every
   pruned weight at exactly 0 through backward, clipping, Adam/AdamW (incl. weight decay) and hence the EMA,
-  using ``FrozenEntries``. Its masks are part of the checkpoint, so a resume does not need the source.
+  using ``FrozenEntries`` (its ``frozen``, which the trainer applies). Its masks are part of the checkpoint, so
+  a resume does not need the source.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from ..config import Config, config_from_dict
 from ..errors import UserError
 from ..training.checkpoint import check_compatible, load_network
-from ..hooks import FrozenEntries, TrainingExtension
+from ..hooks import FrozenEntries, HookContext, TrainingExtension
 from .masks import apply_masks, check_masks, load_masks
 
 # Model keys that define the architecture (taken from the source); the rest are training choices.
@@ -67,19 +68,17 @@ class MaskedFinetune(TrainingExtension):
         self.masks: dict | None = None
         self.frozen = FrozenEntries()
 
-    def on_stage_start(self, trainer, stage) -> None:
+    def on_stage_start(self, ctx: HookContext, stage) -> dict:
         if self.masks is None:  # first stage of a new run (a resume has masks from the checkpoint)
-            self._load_pruned(trainer)
+            self._load_pruned(ctx)
+        return {}
 
-    def _load_pruned(self, trainer) -> None:
+    def _load_pruned(self, ctx: HookContext) -> None:
         net = load_source(self.cfg)
         masks = source_masks(self.cfg, net)
-        state = net.model.state_dict()
-        check_compatible(trainer.model, state, str(self.cfg.maskpro.source))
-        trainer.model.load_state_dict(state)
-        apply_masks(trainer.model, masks)
-        if trainer.ema is not None:
-            trainer.ema.load_state_dict(trainer.model.state_dict(), 0)
+        check_compatible(ctx.model, net.model.state_dict(), str(self.cfg.maskpro.source))
+        apply_masks(net.model, masks)  # the pruned source, loaded into the network and (reset to it) the EMA
+        ctx.load_weights(net.model.state_dict())
         self._freeze(masks)
 
     def _freeze(self, masks: dict) -> None:
@@ -88,13 +87,7 @@ class MaskedFinetune(TrainingExtension):
         for name, keep in masks.items():
             self.frozen.freeze(self.model.get_submodule(name).weight, ~keep)
 
-    def after_backward(self, trainer) -> None:
-        self.frozen.zero_grads()
-
-    def after_step(self, trainer) -> None:
-        self.frozen.restore(trainer.optimizer)
-
-    def log_fields(self, trainer) -> dict:
+    def log_fields(self, ctx: HookContext) -> dict:
         kept = sum(int(k.sum()) for k in self.masks.values())
         total = sum(k.numel() for k in self.masks.values())
         return {"masked_layers_sparsity": 1.0 - kept / total if total else 0.0}

@@ -20,7 +20,7 @@ import torch
 
 from .. import dist
 from ..errors import UserError
-from ..hooks import TrainingExtension
+from ..hooks import HookContext, TrainingExtension
 from ..training.sampler import mix_seed
 from ..training.trainer import CurriculumTrainer
 from .finetune import load_source
@@ -37,7 +37,7 @@ class MaskProLearning(TrainingExtension):
         self.update = update
         self.last = {}
 
-    def log_fields(self, trainer) -> dict:
+    def log_fields(self, ctx: HookContext) -> dict:
         return {**self.last, "maskpro_delta": self.update.delta,
                 "maskpro_changed_groups": self.update.changed_fraction()}
 

@@ -23,8 +23,11 @@ Regrowth scores (``REGROWTH``):
 
 The chosen channels are broadcast from rank 0, so every rank applies the same choice whatever the floating
 point. Before and after each transition the loss of one fixed probe batch (fixed images, t uniform over
-0..T−1, fixed noise; eval mode) is measured, so the jump a regrowth causes is visible; it is printed and
-written, with the chosen channels, to the stage's line of ``transitions.jsonl`` in the run directory.
+0..T−1, fixed noise; eval mode: the trainer's ``probe_loss`` service) is measured, so the jump a regrowth
+causes is visible; it is printed and, with the chosen channels, returned by ``on_stage_start`` for the stage's
+line of ``transitions.jsonl`` in the run directory. The reserved entries of the masked channels are a
+``FrozenEntries`` (``self.frozen``) that the trainer applies after ``after_backward`` (which reads their
+gradients first: ``weight_gradient``) and after ``after_step``.
 """
 
 from __future__ import annotations
@@ -33,11 +36,9 @@ import torch
 
 from .. import dist
 from ..models import GateProbe, SparseUNet
-from ..hooks import FrozenEntries, TrainingExtension
+from ..hooks import FrozenEntries, HookContext, TrainingExtension
 from ..training.sampler import mix_seed
 from .schedules import stage_active_channels
-
-PROBE_BATCH = 32  # images in the fixed batch whose loss is logged before and after each regrowth
 
 
 class GateGradient:
@@ -45,15 +46,15 @@ class GateGradient:
 
     uses_probe, resets = True, True
 
-    def accumulate(self, ext: "ChannelSparsity", trainer) -> None:
+    def accumulate(self, ext: "ChannelSparsity", ctx: HookContext) -> None:
         c = ext.model.gated_channels
         part = ext.model.gate_probe.collect(c)
         part = torch.zeros(c, device=ext.scores.device) if part is None else part.to(ext.scores.device)
         # Each rank's autograd gradients are of its local mean loss: ×1/world gives the global mean's share.
-        scale = trainer.world * (trainer.scaler.get_scale() if trainer.scaler.is_enabled() else 1.0)
+        scale = ctx.world * ctx.grad_scale
         ext.scores += dist.all_reduce_sum(part.double()) / scale
 
-    def scores(self, ext: "ChannelSparsity", trainer, stage) -> torch.Tensor:
+    def scores(self, ext: "ChannelSparsity", ctx: HookContext, stage) -> torch.Tensor:
         return ext.scores
 
 
@@ -62,12 +63,12 @@ class WeightGradient:
 
     uses_probe, resets = False, False
 
-    def accumulate(self, ext: "ChannelSparsity", trainer) -> None:
+    def accumulate(self, ext: "ChannelSparsity", ctx: HookContext) -> None:
         grad = ext.model.middle[0].conv2.weight.grad
         if grad is not None:
             ext.scores += grad.detach().abs().sum(dim=(1, 2, 3)).double().to(ext.scores.device)
 
-    def scores(self, ext: "ChannelSparsity", trainer, stage) -> torch.Tensor:
+    def scores(self, ext: "ChannelSparsity", ctx: HookContext, stage) -> torch.Tensor:
         return ext.scores
 
 
@@ -76,11 +77,11 @@ class RandomRegrowth:
 
     uses_probe, resets = False, False
 
-    def accumulate(self, ext: "ChannelSparsity", trainer) -> None:
+    def accumulate(self, ext: "ChannelSparsity", ctx: HookContext) -> None:
         pass
 
-    def scores(self, ext: "ChannelSparsity", trainer, stage) -> torch.Tensor:
-        g = torch.Generator().manual_seed(mix_seed(trainer.cfg.train.seed, stage.index, 0x5E7))
+    def scores(self, ext: "ChannelSparsity", ctx: HookContext, stage) -> torch.Tensor:
+        g = torch.Generator().manual_seed(mix_seed(ctx.cfg.train.seed, stage.index, 0x5E7))
         return torch.rand(ext.model.gated_channels, generator=g, dtype=torch.float64)
 
 
@@ -99,7 +100,7 @@ def select_channels(scores: torch.Tensor, masked: torch.Tensor, count: int) -> l
 
 
 class ChannelSparsity(TrainingExtension):
-    """CS: sets the mask per stage, accumulates the regrowth score, keeps reserved entries frozen."""
+    """CS: sets the mask per stage, accumulates the regrowth score, keeps reserved entries frozen (``frozen``)."""
 
     name = "channel_sparsity"
 
@@ -115,23 +116,21 @@ class ChannelSparsity(TrainingExtension):
 
     # ----- hooks -----
 
-    def on_stage_start(self, trainer, stage) -> None:
+    def on_stage_start(self, ctx: HookContext, stage) -> dict:
         if stage.index == 0:
             self._initial_mask()
-            self._transition_log(trainer, stage, [], None, None)
+            fields = self._transition_log(ctx, stage, [], None, None)
         else:
-            self._regrow(trainer, stage)
+            fields = self._regrow(ctx, stage)
         self._refreeze()
+        return fields
 
-    def after_backward(self, trainer) -> None:
+    def after_backward(self, ctx: HookContext) -> None:
+        # the trainer zeroes the frozen entries' gradients after this (weight_gradient reads them first)
         if self.model.gate_probe is not None or not self.criterion.uses_probe:
-            self.criterion.accumulate(self, trainer)
-        self.frozen.zero_grads()
+            self.criterion.accumulate(self, ctx)
 
-    def after_step(self, trainer) -> None:
-        self.frozen.restore(trainer.optimizer)
-
-    def log_fields(self, trainer) -> dict:
+    def log_fields(self, ctx: HookContext) -> dict:
         return {"active_channels": int(self.model.channel_mask.sum())}
 
     def state_dict(self) -> dict:
@@ -152,32 +151,32 @@ class ChannelSparsity(TrainingExtension):
         m.channel_mask.copy_(active.float())
         m.channel_birth_stage.copy_(torch.where(active, 0, -1))
 
-    def _regrow(self, trainer, stage) -> None:
+    def _regrow(self, ctx: HookContext, stage) -> dict:
         m = self.model
         masked = m.channel_mask == 0
         scores, chosen = None, []
         for where, counts in zip(m.segment_slices(), self.counts, strict=True):  # each segment regrows its own channels
             count = counts[stage.index] - int((~masked[where]).sum())
             if count > 0:
-                scores = self.criterion.scores(self, trainer, stage) if scores is None else scores
+                scores = self.criterion.scores(self, ctx, stage) if scores is None else scores
                 chosen += [where.start + i for i in select_channels(scores[where], masked[where], count)]
         chosen = dist.broadcast_object(chosen)  # one decision for all ranks
-        before = probe_loss(trainer)
+        before = ctx.probe_loss()
         idx = torch.tensor(chosen, dtype=torch.long, device=m.channel_mask.device)
         m.channel_mask[idx] = 1.0
         m.channel_birth_stage[idx] = stage.index
         if self.regrow_init == "zero_out" and chosen:
-            self._zero_fan_out(trainer, idx)
-        after = probe_loss(trainer)
+            self._zero_fan_out(ctx, idx)
+        after = ctx.probe_loss()
         if self.criterion.resets:
             self.scores.zero_()
-        self._transition_log(trainer, stage, chosen, before, after)
+        return self._transition_log(ctx, stage, chosen, before, after)
 
     @torch.no_grad()
-    def _zero_fan_out(self, trainer, idx: torch.Tensor) -> None:
+    def _zero_fan_out(self, ctx: HookContext, idx: torch.Tensor) -> None:
         flags = torch.zeros(self.model.gated_channels, dtype=torch.bool, device=idx.device)
         flags[idx] = True
-        models = [self.model] + ([trainer.ema.model] if trainer.ema is not None else [])
+        models = [self.model] + ([ctx.ema_model] if ctx.ema_model is not None else [])
         for net in models:  # the EMA's reserved entries equal the model's, so both start from zero
             for param, entries in net.fan_out_entries(flags):
                 param.masked_fill_(entries.expand_as(param), 0.0)
@@ -191,35 +190,16 @@ class ChannelSparsity(TrainingExtension):
             for param, entries in self.model.reserved_entries(masked):
                 self.frozen.freeze(param, entries)
 
-    def _transition_log(self, trainer, stage, chosen, before, after) -> None:
+    def _transition_log(self, ctx: HookContext, stage, chosen, before, after) -> dict:
+        """Prints the stage's mask change; returns its fields of the stage's transitions.jsonl line."""
         active, c = int(self.model.channel_mask.sum()), self.model.gated_channels
         if stage.index == 0:
             chosen = torch.nonzero(self.model.channel_mask).flatten().tolist()
             what = "bottleneck channels" if self.location == "bottleneck" else "decoder input channels"
             dist.print0(f"CS: stage '{stage.name}' starts with {active}/{c} {what}")
         else:
-            dist.print0(f"CS: regrowth at step {trainer.step} ('{stage.name}', {self.method}, {self.regrow_init}): "
+            dist.print0(f"CS: regrowth at step {ctx.step} ('{stage.name}', {self.method}, {self.regrow_init}): "
                         f"{active - len(chosen)} → {active}/{c} channels; probe loss {before:.5f} → {after:.5f}")
-        trainer.transition.update(active_channels=active, channels=c, regrowth_method=self.method,
-                                  regrown=chosen, probe_loss_before=before, probe_loss_after=after)
+        return dict(active_channels=active, channels=c, regrowth_method=self.method,
+                    regrown=chosen, probe_loss_before=before, probe_loss_after=after)
 
-
-@torch.no_grad()
-def probe_loss(trainer) -> float:
-    """Mean loss of a fixed batch (first images of the dataset, seeded t and ε), eval mode; same on all ranks."""
-    n = min(PROBE_BATCH, trainer.cfg.train.batch_size, len(trainer.dataset))
-    items = [trainer.dataset[i] for i in range(n)]
-    x0 = torch.stack([x for x, _ in items]).to(trainer.device)
-    # a class-conditional network is probed with the images' labels (no dropout)
-    y = torch.tensor([label for _, label in items], device=trainer.device) \
-        if getattr(trainer, "num_classes", 0) else None
-    g = torch.Generator().manual_seed(mix_seed(trainer.cfg.train.seed, 0x960BE))
-    t = torch.randint(0, trainer.diffusion.timesteps, (n,), generator=g).to(trainer.device)
-    noise = torch.randn(x0.shape, generator=g).to(trainer.device)
-    model = trainer.model
-    was_training = model.training
-    model.eval()
-    try:
-        return float(trainer.diffusion.training_losses(model, x0, t, noise, y=y).mean())
-    finally:
-        model.train(was_training)

@@ -11,11 +11,12 @@ term added to the loss, so loss = mse + reg.
 
 Subgradient Adam rarely makes a group exactly zero, and with a GroupNorm right after a conv the penalty on
 that conv is largely scale-invariant (it shrinks norms without selecting channels; REFERENCE §3). So every
-stage end writes the *structured sparsity* to ``structured_sparsity.jsonl``: per layer the share of groups
-whose norm is below ``threshold`` × the layer's largest group norm, the total share, and every group norm
-(for histograms). ``prox: true`` replaces the penalty's gradient by the proximal step of the same penalty
-after each optimizer step, W_c ← W_c·max(0, 1 − lr·λ'/‖W_c‖) (λ' = the loss coefficient of Σ‖W_c‖, lr =
-that step's learning rate), which sets weak groups exactly to zero.
+stage end records the *structured sparsity* in ``structured_sparsity.jsonl`` (``on_stage_end`` returns the
+record, the trainer appends it): per layer the share of groups whose norm is below ``threshold`` × the layer's
+largest group norm, the total share, and every group norm (for histograms). ``prox: true`` replaces the
+penalty's gradient by the proximal step of the same penalty after each optimizer step,
+W_c ← W_c·max(0, 1 − lr·λ'/‖W_c‖) (λ' = the loss coefficient of Σ‖W_c‖, lr = that step's learning rate),
+which sets weak groups exactly to zero.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ import torch
 from torch import nn
 
 from .. import dist
-from ..hooks import TrainingExtension
-from ..training.reporting import append_jsonl
+from ..hooks import HookContext, TrainingExtension
 from .schedules import stage_lambdas
 
 
@@ -103,35 +103,34 @@ class GroupL1(TrainingExtension):
         """λ' such that the loss term is λ'·Σ‖W_c‖."""
         return self.lam / self.batch_size if self.per_batch else self.lam
 
-    def on_stage_start(self, trainer, stage) -> None:
+    def on_stage_start(self, ctx: HookContext, stage) -> dict:
         self.lam = self.lambdas[stage.index]
         dist.print0(f"CR: stage '{stage.name}': λ = {self.lam:.3g}")
-        trainer.transition["lambda"] = self.lam
+        return {"lambda": self.lam}
 
-    def loss_terms(self, trainer) -> dict[str, torch.Tensor]:
+    def loss_terms(self, ctx: HookContext) -> dict[str, torch.Tensor]:
         if self.lam == 0.0:
             return {"reg": torch.zeros((), device=self.weights[0].device)}
         # with prox the term is only reported; the proximal step minimises it instead of its gradient
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.prox):
             return {"reg": self.coefficient * group_l1(self.weights)}
 
-    def after_backward(self, trainer) -> None:
-        self._lr = trainer.optimizer.param_groups[0]["lr"]  # the lr of the step about to be taken
+    def after_backward(self, ctx: HookContext) -> None:
+        self._lr = ctx.optimizer.param_groups[0]["lr"]  # the lr of the step about to be taken
 
-    def after_step(self, trainer) -> None:
+    def after_step(self, ctx: HookContext) -> None:
         if self.prox:
             prox_group_l1_(self.weights, self._lr * self.coefficient)
 
-    def on_stage_end(self, trainer, stage) -> None:
+    def on_stage_end(self, ctx: HookContext, stage) -> dict[str, dict]:
         report = structured_sparsity(self.named, self.threshold)
         dist.print0(f"CR: end of '{stage.name}': {report['total_share']:.1%} of {report['groups']} groups below "
                     f"{self.threshold:g}× their layer's largest norm")
-        if dist.is_main():
-            rec = {"step": trainer.step, "stage": stage.name, "stage_index": stage.index, "lambda": self.lam,
-                   "threshold": self.threshold, **report}
-            append_jsonl(trainer.run_dir / "structured_sparsity.jsonl", rec)
+        rec = {"step": ctx.step, "stage": stage.name, "stage_index": stage.index, "lambda": self.lam,
+               "threshold": self.threshold, **report}
+        return {"structured_sparsity.jsonl": rec}  # the trainer appends it (rank 0)
 
-    def log_fields(self, trainer) -> dict:
+    def log_fields(self, ctx: HookContext) -> dict:
         with torch.no_grad():
             return {"lambda": self.lam, "group_l1": float(group_l1(self.weights))}
 

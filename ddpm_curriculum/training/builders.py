@@ -3,6 +3,8 @@ to construct things, so scripts and tests build exactly what training builds."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 from ..config import Config
@@ -50,7 +52,7 @@ def check_labels(cfg: Config, dataset) -> int:
         if d.class_names and d.class_names != names:
             raise UserError(f"dataset.class_names = {_short(d.class_names)} but the dataset's classes are "
                             f"{_short(names)}; fix the class folders or the list (or remove it)")
-        d.class_names = names
+        cfg.dataset = dataclasses.replace(d, class_names=names)  # sections are frozen: a new one, recorded
     return k
 
 

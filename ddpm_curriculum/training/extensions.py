@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..hooks import FrozenEntries, TrainingExtension
+from ..hooks import FrozenEntries, HookContext, TrainingExtension
 from ..modes import mode_of
 
-__all__ = ["FrozenEntries", "TrainingExtension", "build_extensions"]
+__all__ = ["FrozenEntries", "HookContext", "TrainingExtension", "build_extensions"]
 
 
 def build_extensions(cfg, model: nn.Module) -> list[TrainingExtension]:

@@ -6,7 +6,9 @@ One optimizer step reads like the algorithm::
           → backward → (mode: read/zero gradients) → clip → optimizer step → (mode: fix weights)
           → LR schedule → EMA
 
-Modes plug in as ``TrainingExtension`` objects (``extensions.py``) instead of forking this loop.
+Modes plug in as ``TrainingExtension`` objects (``hooks.py``) instead of forking this loop; their hooks get a
+``HookContext`` (the step, the raw model, the EMA copy, the optimizer, the grad scale, … and the services
+``probe_loss`` and ``load_weights``), not the trainer, and return what the trainer records for them.
 Everything else (logging, sample grids, checkpoints, stop requests) lives in named methods that run
 between steps. With fixed pacing the stage is a pure function of the global step (see ``plan.py``), so
 ranks and resumed runs agree without communication; patience pacing decides on the all-reduced loss and
@@ -29,6 +31,7 @@ from .. import dist
 from ..config import Config, config_from_dict
 from ..diffusion.timestep_sampling import TimestepSampler
 from ..errors import UserError, interrupt_note
+from ..hooks import HookContext
 from ..sampling import spec_from_sample_steps
 from . import builders, seed_api
 from .checkpoint import FORMAT_VERSION, check_compatible, save_checkpoint
@@ -40,6 +43,7 @@ from .reporting import MetricsLog, TensorBoardSink, append_jsonl, evaluate_sampl
 from .sampler import ShardedBatchSampler, mix_seed, step_generator
 
 NUM_T_BINS = 10  # metrics.jsonl reports the loss averaged over 10 equal timestep bins
+PROBE_BATCH = 32  # images in the fixed batch of probe_loss (CS logs it before and after each regrowth)
 
 
 def _fmt(value: float) -> str:
@@ -255,12 +259,51 @@ class CurriculumTrainer:
         """The timesteps of the stage in force: the last one entered (a pacing may end a stage early)."""
         return self.timesteps_for(self.plan[max(self.stage_entered, 0)])
 
+    # ------------------------------------------------------------- the extensions' view
+
+    def hook_context(self) -> HookContext:
+        """What the extensions' hooks see of the trainer now (``hooks.HookContext``)."""
+        return HookContext(step=self.step, model=self.model, ema_model=self.ema.model if self.ema is not None else None,
+                           optimizer=self.optimizer,
+                           grad_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
+                           world=self.world, run_dir=self.run_dir, device=self.device, cfg=self.cfg,
+                           probe_loss=self.probe_loss, load_weights=self.load_weights)
+
+    @torch.no_grad()
+    def probe_loss(self) -> float:
+        """Mean loss of a fixed batch (first images of the dataset, seeded t and ε), eval mode; same on all ranks."""
+        n = min(PROBE_BATCH, self.cfg.train.batch_size, len(self.dataset))
+        items = [self.dataset[i] for i in range(n)]
+        x0 = torch.stack([x for x, _ in items]).to(self.device)
+        # a class-conditional network is probed with the images' labels (no dropout)
+        y = torch.tensor([label for _, label in items], device=self.device) if self.num_classes else None
+        g = torch.Generator().manual_seed(mix_seed(self.cfg.train.seed, 0x960BE))
+        t = torch.randint(0, self.diffusion.timesteps, (n,), generator=g).to(self.device)
+        noise = torch.randn(x0.shape, generator=g).to(self.device)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            return float(self.diffusion.training_losses(model, x0, t, noise, y=y).mean())
+        finally:
+            model.train(was_training)
+
+    def load_weights(self, state: dict) -> None:
+        """Load ``state`` into the network and restart the EMA copy from it (0 updates)."""
+        self.model.load_state_dict(state)
+        if self.ema is not None:
+            self.ema.load_state_dict(self.model.state_dict(), 0)
+
+    def _frozen_entries(self) -> list:
+        """The extensions' ``FrozenEntries`` (their ``frozen``, read anew each time: an extension may replace it)."""
+        return [f for f in (getattr(ext, "frozen", None) for ext in self.extensions) if f is not None]
+
     def _enter_stage(self, stage) -> None:
-        # One line per stage start in transitions.jsonl; extensions add their fields in on_stage_start.
+        # One line per stage start in transitions.jsonl; extensions add their fields from on_stage_start.
         self.transition = {"step": self.step, "stage": stage.name, "stage_index": stage.index,
                            "t_range": list(self.timesteps_for(stage).time_range)}
         for ext in self.extensions:
-            ext.on_stage_start(self, stage)
+            self.transition.update(ext.on_stage_start(self.hook_context(), stage) or {})
         self.stage_entered = stage.index
         if dist.is_main():
             append_jsonl(self.run_dir / "transitions.jsonl", self.transition)
@@ -273,6 +316,8 @@ class CurriculumTrainer:
         TrainingDiverged is raised after checkpointing the last good state.
         """
         t_cfg, G = self.cfg.train, self.cfg.train.batch_size
+        # one view for the step's hooks: the step and the grad scale stay as they are until the scaler's update
+        ctx = self.hook_context() if self.extensions else None
         x0, t, noise = self._draw(images, G)
         y = self._draw_labels(labels, G)
         weights = self.loss_weights(t) if self.loss_weights is not None else None
@@ -289,7 +334,7 @@ class CurriculumTrainer:
                 objective = per_sample if weights is None else per_sample * weights[sl]
                 loss = objective.mean() / t_cfg.accum_steps
                 if k == t_cfg.accum_steps - 1:  # mode terms once per step, inside DDP's forward/backward
-                    terms = self._loss_terms()
+                    terms = self._loss_terms(ctx)
                     loss = loss + sum(terms.values())
             self.scaler.scale(loss).backward()
             losses.append(per_sample.detach().float())
@@ -301,14 +346,18 @@ class CurriculumTrainer:
             return None, stop
         self.scaler.unscale_(self.optimizer)
         for ext in self.extensions:
-            ext.after_backward(self)
+            ext.after_backward(ctx)
+        for frozen in self._frozen_entries():  # after every after_backward: those may read the frozen gradients
+            frozen.zero_grads()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t_cfg.grad_norm or math.inf)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         for ext in self.extensions:
-            ext.after_step(self)
+            ext.after_step(ctx)
+        for frozen in self._frozen_entries():
+            frozen.restore(self.optimizer)
         if self.ema is not None:
             self.ema.after_step(self.model, self.step + 1)
         self.log.add(per_sample, weights, t, grad_norm.detach(), x0.shape[0], self.loss_terms)
@@ -326,10 +375,10 @@ class CurriculumTrainer:
         bad, stop, loss_sum, count = dist.all_reduce_sum(status).tolist()
         return bad > 0, stop > 0, loss_sum / count
 
-    def _loss_terms(self) -> dict[str, torch.Tensor]:
+    def _loss_terms(self, ctx: HookContext | None) -> dict[str, torch.Tensor]:
         terms = {}
         for ext in self.extensions:
-            terms.update(ext.loss_terms(self))
+            terms.update(ext.loss_terms(ctx))
         self.loss_terms = {k: v.detach() for k, v in terms.items()}
         return terms
 
@@ -379,8 +428,9 @@ class CurriculumTrainer:
         last = (self.total_steps, self.stop_at_step, self.early_stop.stopped_at)
         if self.step % t.log_intv == 0 or self.step in last:
             fields = {}
+            ctx = self.hook_context() if self.extensions else None
             for ext in self.extensions:
-                fields.update(ext.log_fields(self))
+                fields.update(ext.log_fields(ctx))
             rec = self.log.flush(step=self.step, epoch=self.step / self.steps_per_epoch, stage=stage.name,
                                  t_range=list(self.timesteps.time_range), lr=self.scheduler.get_last_lr()[0],
                                  **fields)
@@ -397,7 +447,10 @@ class CurriculumTrainer:
                         + ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items()))
         if stage_end:
             for ext in self.extensions:
-                ext.on_stage_end(self, stage)
+                records = ext.on_stage_end(self.hook_context(), stage) or {}
+                if dist.is_main():
+                    for name, rec in records.items():
+                        append_jsonl(self.run_dir / name, rec)
         if stage_end and self.step < self.total_steps:
             dist.print0(f"stage {stage.index + 1}/{len(self.plan)} '{stage.name}' done at step {self.step}; "
                         f"next: '{self.plan[stage.index + 1].name}'")
