@@ -154,11 +154,12 @@ def test_config_choices_are_the_registries():
     from ddpm_curriculum.models import GATED_MODEL_NAMES, MODELS
     from ddpm_curriculum.modes import MODES
     from ddpm_curriculum.pruning.nm import NM_ORDERS
+    from ddpm_curriculum.sections import field_choices
     from ddpm_curriculum.sparsity.channel_mask import REGROWTH
     from ddpm_curriculum.training.plan import PACINGS
 
     def choices(cls, key):
-        return C._choices({f.name: f for f in dataclasses.fields(cls)}[key].metadata)
+        return field_choices({f.name: f for f in dataclasses.fields(cls)}[key].metadata)
 
     pairs = [((C.DiffusionConfig, "beta_schedule"), BETA_SCHEDULES),
              ((C.DiffusionConfig, "model_mean_type"), PREDICTION_TYPES),

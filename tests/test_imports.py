@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parents[1] / "ddpm_curriculum"
 # Layers of docs/architecture.md, by the first name under ddpm_curriculum. A module-level import goes to a
 # lower layer, or stays in its own sub-package, or stays inside one of SAME_LAYER_OK.
 LAYERS = {
-    "errors": 0, "atomic": 0, "dist": 0, "config": 0,  # foundations
+    "errors": 0, "atomic": 0, "dist": 0, "sections": 0, "config": 0,  # foundations
     "data": 1, "diffusion": 1, "models": 1,  # components
     "metrics": 2, "sampling": 2, "hooks": 2,  # built on the components; hooks: the extension surface
     "training": 3, "pruning": 3, "sparsity": 3, "modes": 3,  # the trainer, its modes and their extensions
