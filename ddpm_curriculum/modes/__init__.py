@@ -209,7 +209,7 @@ def apply_mode_key(raw: dict) -> dict:
         section, field = key.split(".")
         node = raw.setdefault(section, {})
         if not isinstance(node, dict):
-            continue  # _build names the malformed section
+            continue  # build_section names the malformed section
         if field in node and node[field] != value:
             raise UserError(f"'mode' = {name!r} needs '{key}' = {str(value).lower()}, but the config sets it to "
                             f"{json.dumps(node[field])}; remove one of the two")
@@ -234,7 +234,7 @@ def resolve_mode(cfg) -> None:
         mode = on[0] if on else _default_mode(cfg.curriculum.enabled)
     else:
         mode = get_mode(cfg.mode)
-        if on != ([mode] if mode.section else []):  # only a --set given after the mode's switches were applied
+        if on != ([mode] if mode.section else []):  # a config whose sections were replaced after it was resolved
             switch = f"'{on[0].section}.enabled' is true" if on else f"'{mode.section}.enabled' is false"
             raise UserError(f"'mode' = {mode.name!r} but {switch}; remove 'mode' or the switch")
     if mode.curriculum and not cfg.curriculum.enabled:
