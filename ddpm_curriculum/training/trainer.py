@@ -131,7 +131,6 @@ class CurriculumTrainer:
         self.step = 0
         self.stage_entered = -1  # index of the last stage whose on_stage_start hooks ran
         self.loss_terms: dict[str, torch.Tensor] = {}  # the extensions' loss terms of the last step (detached)
-        self.transition: dict = {}  # the transitions.jsonl record of the current stage start
         self.skipped_steps: list[int] = []  # steps skipped for a non-finite loss (train.skip_nonfinite_steps)
         self.early_stop = EarlyStop(t.early_stop_loss_change, t.early_stop_window, t.early_stop_smoothing)
         if resume_state is not None:
@@ -300,13 +299,14 @@ class CurriculumTrainer:
 
     def _enter_stage(self, stage) -> None:
         # One line per stage start in transitions.jsonl; extensions add their fields from on_stage_start.
-        self.transition = {"step": self.step, "stage": stage.name, "stage_index": stage.index,
-                           "t_range": list(self.timesteps_for(stage).time_range)}
+        transition = {"step": self.step, "stage": stage.name, "stage_index": stage.index,
+                      "t_range": list(self.timesteps_for(stage).time_range)}
+        ctx = self.hook_context()
         for ext in self.extensions:
-            self.transition.update(ext.on_stage_start(self.hook_context(), stage) or {})
+            transition.update(ext.on_stage_start(ctx, stage) or {})
         self.stage_entered = stage.index
         if dist.is_main():
-            append_jsonl(self.run_dir / "transitions.jsonl", self.transition)
+            append_jsonl(self.run_dir / "transitions.jsonl", transition)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[float | None, bool]:
         """One optimizer step on this rank's share of the global batch (``labels``: class-conditional networks).
@@ -446,8 +446,9 @@ class CurriculumTrainer:
             dist.print0(f"{self.epoch}/{self.total_steps / self.steps_per_epoch:g} epochs [{stage.name}]: "
                         + ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items()))
         if stage_end:
+            ctx = self.hook_context()
             for ext in self.extensions:
-                records = ext.on_stage_end(self.hook_context(), stage) or {}
+                records = ext.on_stage_end(ctx, stage) or {}
                 if dist.is_main():
                     for name, rec in records.items():
                         append_jsonl(self.run_dir / name, rec)
