@@ -28,12 +28,14 @@ from .sections import parse_json, parse_override_value, read_jsonl  # noqa: F401
 MAX_SEED = 2 ** 63 - 1  # torch.manual_seed takes 64-bit seeds
 
 
-def _registry_names(module: str, function: str) -> list[str]:
-    """The names of a registry that sits above this module (``data.dataset_names``, ``modes.mode_names``), read
-    when a config is checked or documented: the choices are the registry's, never a copy."""
+def _registry_names(module: str, name: str) -> list[str]:
+    """The names of a registry that sits above this module (a function such as ``data.dataset_names``,
+    ``modes.mode_names``, or a mapping such as ``sampling.samplers.SAMPLERS``), read when a config is checked or
+    documented: the choices are the registry's, never a copy."""
     import importlib
 
-    return getattr(importlib.import_module(f"ddpm_curriculum.{module}"), function)()
+    registry = getattr(importlib.import_module(f"ddpm_curriculum.{module}"), name)
+    return list(registry() if callable(registry) else registry)
 
 
 # --------------------------------------------------------------------------------------- sections
@@ -168,7 +170,8 @@ class TrainConfig:
                           "on stop).", lo=0)
     keep_checkpoints: int = opt(3, "Keep this many newest checkpoints; 0 = keep all.", lo=0)
     sample_steps: int = opt(50, "DDIM steps for sample grids and evaluation; 0 = full ancestral "
-                            "sampling with T steps.", lo=0)
+                            "sampling with T steps. The `sampler` block, when it names a sampler, replaces it.",
+                            lo=0)
     loss_weighting: str = opt("none", "Per-timestep loss weight, any mode: `none`, `min_snr` (Min-SNR-γ, "
                               "Hang et al. 2023), `p2` (Choi et al. 2022). Defined on the ε-loss and "
                               "converted for x0/v prediction (see README).", choices=["none", "min_snr", "p2"])
@@ -311,6 +314,23 @@ class EvalConfig(ExtraEvalOptions):
     batch_size: int = opt(256, "Batch size for that sampling.", lo=1)
 
 
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Which sampler the training side uses (also the experiment grid's ``eval.sampler``); null keys are unset."""
+
+    name: str | None = opt(None, "Sampler of the sample grids, the end-of-training evaluation (`eval.json`) and "
+                           "prune.py's preview, from the `SAMPLERS` registry (sampling/samplers.py); null = "
+                           "from `train.sample_steps` (DDIM with that many steps, eta 0, uniform; 0 = ancestral). "
+                           "A `train.sample_steps` other than its default that names another sampler is an "
+                           "error. generate.py does not read it: its flags choose (default ancestral).",
+                           choices=lambda: _registry_names("sampling.samplers", "SAMPLERS"))
+    steps: int | None = opt(None, "DDIM: timesteps visited (≤ diffusion.timesteps); null = 100.", lo=1)
+    eta: float | None = opt(None, "DDIM: η (0 = deterministic, 1 = DDPM-like noise); null = 0.", lo=0.0)
+    skip_type: str | None = opt(None, "DDIM: spacing of the visited timesteps; null = `uniform`.",
+                                choices=lambda: _registry_names("diffusion", "DDIM_SKIP_TYPES"))
+    clip_denoised: bool | None = opt(None, "Clamp the predicted x0 to [−1, 1] at every step; null = true.")
+
+
 @dataclass
 class Config:
     mode: str | None = opt(None, "Training mode from the `MODES` registry (ddpm_curriculum/modes): `baseline`, `C`, "
@@ -326,6 +346,7 @@ class Config:
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
     maskpro: MaskProConfig = field(default_factory=MaskProConfig)
 
     def to_dict(self) -> dict:
@@ -398,6 +419,17 @@ def validate(cfg: Config) -> None:
     _validate_variants(cfg)
     _validate_conditioning(cfg)
     validate_extra_eval(cfg.eval, "eval")
+    _validate_sampler(cfg)
+
+
+def _validate_sampler(cfg: Config) -> None:
+    """The ``sampler`` block names one sampler, with settings it reads, agreeing with ``train.sample_steps``."""
+    if cfg.sampler == SamplerConfig():
+        return  # no block: train.sample_steps decides, as before the block existed
+    from .sampling.samplers import check_sampler_block  # the registry sits above this module
+
+    default = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "sample_steps")
+    check_sampler_block(cfg.sampler, cfg.train.sample_steps, default, cfg.diffusion.timesteps)
 
 
 def _validate_conditioning(cfg: Config) -> None:

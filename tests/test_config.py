@@ -154,6 +154,8 @@ def test_config_choices_are_the_registries():
     from ddpm_curriculum.models import GATED_MODEL_NAMES, MODELS
     from ddpm_curriculum.modes import MODES
     from ddpm_curriculum.pruning.nm import NM_ORDERS
+    from ddpm_curriculum.sampling import SAMPLERS
+    from ddpm_curriculum.diffusion import DDIM_SKIP_TYPES
     from ddpm_curriculum.sections import field_choices
     from ddpm_curriculum.sparsity.channel_mask import REGROWTH
     from ddpm_curriculum.training.plan import PACINGS
@@ -168,7 +170,8 @@ def test_config_choices_are_the_registries():
              ((C.CurriculumConfig, "space"), SPACES), ((C.CurriculumConfig, "pacing"), PACINGS),
              ((C.SparsityConfig, "regrowth_method"), REGROWTH), ((C.SparsityConfig, "location"), GATED_MODEL_NAMES),
              ((C.MaskProConfig, "order"), NM_ORDERS), ((C.DatasetConfig, "name"), dataset_names()),
-             ((C.Config, "mode"), MODES)]
+             ((C.Config, "mode"), MODES), ((C.SamplerConfig, "name"), SAMPLERS),
+             ((C.SamplerConfig, "skip_type"), DDIM_SKIP_TYPES)]
     for (cls, key), registry in pairs:
         assert set(choices(cls, key)) == set(registry), (cls.__name__, key)
     assert set(choices(C.ModelConfig, "name")) == set(MODELS) - set(GATED_MODEL_NAMES.values()) | {"sparse_unet"}

@@ -16,9 +16,10 @@ checkpoints are differences between networks.
 - ``minor_amplitude_excess_norm`` (twoscale): the floor-corrected minor amplitude divided by the ceiling's, i.e.
   by what the exact Bayes denoiser scores through the same sampler, sample count, noise and quantisation
   (``metrics.bayes.ceiling_metrics``, computed once per process and setting): 1 = as good as a perfect denoiser.
-- Samples: images 0 … num_samples−1 exactly as ``generate.py --seed <eval seed>`` makes them (DDIM, η = 0,
-  or ancestral), quantised like saved PNGs, scored with the twoscale oracle metrics when the dataset is
-  twoscale, and with FID (eval.py's code) when the grid's ``eval.fid_ref`` names a reference.
+- Samples: images 0 … num_samples−1 exactly as ``generate.py --seed <eval seed>`` makes them with the grid's
+  ``eval.sampler`` block, or ``eval.sample_steps`` (DDIM, η = 0, or ancestral) when it names none, quantised
+  like saved PNGs, scored with the twoscale oracle metrics when the dataset is twoscale, and with FID (eval.py's
+  code) when the grid's ``eval.fid_ref`` names a reference.
 - Opt-in (``eval.metrics``, evaluation/extra.py): ``nll_*`` (bits/dim bound on ``nll_samples`` test
   images, ``nll_timesteps`` stratified terms, seeded by the eval seed), ``spectrum_*`` (the samples' radial
   power spectrum against ``ref_samples`` training images; both evenly spaced) and ``fd_classifier`` / ``kid_classifier``
@@ -38,7 +39,7 @@ from ..data import evenly_spaced
 from ..training import builders
 from ..training.checkpoint import load_network
 from ..training.reporting import eval_samples
-from .grid import GridEvalConfig
+from .grid import GridEvalConfig, eval_spec
 
 LOW_T, HIGH_T = 0.2, 0.8  # the seeds' last and first curriculum stage boundaries, as fractions of T
 
@@ -78,7 +79,7 @@ def sample_metrics(net, settings: GridEvalConfig, device) -> dict[str, float]:
     images = None
     if twoscale or settings.fid_ref or needs_samples(settings):
         images = eval_samples(net.diffusion, net.model, builders.image_shape(cfg), settings.num_samples,
-                              settings.sample_steps, settings.seed, settings.batch_size, device)
+                              eval_spec(settings), settings.seed, settings.batch_size, device)
     metrics = extra_metrics(settings, cfg, net.diffusion, net.model, images, settings.seed, device) \
         if settings.metrics else {}
     if twoscale:
@@ -103,10 +104,10 @@ def ceiling(net, settings: GridEvalConfig) -> dict:
 
     cfg = net.config
     key = (json.dumps(cfg.to_dict()["dataset"], sort_keys=True), json.dumps(cfg.to_dict()["diffusion"], sort_keys=True),
-           settings.num_samples, settings.sample_steps, settings.seed, settings.batch_size)
+           settings.num_samples, eval_spec(settings), settings.seed, settings.batch_size)
     if key not in _CEILINGS:
         _CEILINGS[key] = ceiling_metrics(net.diffusion, builders.make_dataset(cfg), settings.num_samples,
-                                         settings.sample_steps, settings.seed, settings.batch_size)
+                                         eval_spec(settings), settings.seed, settings.batch_size)
     return _CEILINGS[key]
 
 

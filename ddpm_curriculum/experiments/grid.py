@@ -13,7 +13,7 @@ A grid file looks like (keys starting with ``_`` are comments)::
       "baseline_arm": "baseline",                     # differences are reported against this arm
       "seeds": [0, 1, 2],                             # each sets train.seed
       "eval_at": [0.25, 0.5, 1.0],                    # fractions of the training length
-      "eval": {"num_samples": 512, "sample_steps": 25, "seed": 1234},
+      "eval": {"num_samples": 512, "sample_steps": 25, "seed": 1234},   # or "sampler": {"name": "ddim", …}
       "quick": {"seeds": [0], "set": ["train.steps=8"], "eval": {"num_samples": 16}, "eval_at": [1.0]}
     }
 
@@ -28,8 +28,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import Config, ExtraEvalOptions, build_section, load_config, opt, read_json_file, validate_extra_eval
+from ..config import (Config, ExtraEvalOptions, SamplerConfig, build_section, load_config, opt, read_json_file,
+                      validate_extra_eval)
 from ..errors import UserError
+from ..sampling.samplers import SamplerSpec, check_sampler_block, spec_from_block
 
 RUN_OVERRIDES = (  # what the runner changes in every training run (it evaluates checkpoints itself)
     "eval.num_samples=0", "train.num_samples=0", "train.chkpt_intv=0", "train.keep_checkpoints=2")
@@ -42,10 +44,18 @@ class ArmConfig:
     set: list[str] = opt([], "--set overrides for this arm (applied after the grid's).")
 
 
+GRID_SAMPLE_STEPS = 25  # GridEvalConfig.sample_steps's default
+
+
 @dataclass(frozen=True)
 class GridEvalConfig(ExtraEvalOptions):
     num_samples: int = opt(512, "Samples generated per evaluation (the same noise for every arm and seed).", lo=1)
-    sample_steps: int = opt(25, "DDIM steps (eta 0) for those samples; 0 = ancestral with T steps.", lo=0)
+    sample_steps: int = opt(GRID_SAMPLE_STEPS, "DDIM steps (eta 0) for those samples; 0 = ancestral with T steps.",
+                            lo=0)
+    sampler: SamplerConfig = opt(SamplerConfig(), "The sampler of those samples as a block like the config's "
+                                 "`sampler` (name, steps, eta, skip_type, clip_denoised); name null = "
+                                 "`sample_steps`. A sample_steps other than 25 that names another sampler is an "
+                                 "error.")
     batch_size: int = opt(512, "Sampling batch size.", lo=1)
     val_samples: int = opt(1024, "Held-out training images for the validation denoising loss.", lo=1)
     seed: int = opt(1234, "Seed of the evaluation noise and the validation timesteps.", lo=0)
@@ -150,6 +160,8 @@ def load_grid(path: str | Path) -> GridConfig:
         raise UserError(f"grid {path}: 'seeds' has duplicates: {grid.seeds}")
     for key, ev in (("eval", grid.eval), ("quick.eval", grid.quick.eval or grid.eval)):
         validate_extra_eval(ev, key, f"grid {path}: ")
+        check_sampler_block(ev.sampler, ev.sample_steps, GRID_SAMPLE_STEPS, key=f"{key}.sampler",
+                            steps_key=f"{key}.sample_steps", where=f"grid {path}: ")
         if ev.fid_ref and ev.num_samples <= ev.fid_dims:
             raise UserError(f"grid {path}: FID needs more samples than feature dims ({key}.num_samples = "
                             f"{ev.num_samples} <= {key}.fid_dims = {ev.fid_dims}); raise num_samples or lower fid_dims")
@@ -175,6 +187,10 @@ def expand_runs(grid: GridConfig, quick: bool = False, steps_per_epoch=None) -> 
             overrides = [*grid.set, *arm.set, f"train.seed={seed}", *(grid.quick.set if quick else ()),
                          *RUN_OVERRIDES]
             cfg = load_config(source, overrides)
+            try:  # the evaluation's sampler must run on this arm's diffusion
+                eval_spec(eval_settings(grid, quick)).validate(cfg.diffusion.timesteps)
+            except UserError as exc:
+                raise UserError(f"arm '{arm.name}': the grid's eval sampler: {exc}") from None
             total = cfg.train.steps if cfg.train.steps is not None else cfg.train.epochs * steps_per_epoch(cfg)
             fractions = grid.quick.eval_at if quick and grid.quick.eval_at is not None else grid.eval_at
             points = sorted({max(1, min(total, round(f * total))) for f in fractions} | {total})
@@ -184,6 +200,12 @@ def expand_runs(grid: GridConfig, quick: bool = False, steps_per_epoch=None) -> 
 
 def eval_settings(grid: GridConfig, quick: bool) -> GridEvalConfig:
     return grid.quick.eval if quick and grid.quick.eval is not None else grid.eval
+
+
+def eval_spec(settings: GridEvalConfig) -> SamplerSpec:
+    """The sampler of a grid's evaluation: its ``sampler`` block when ``sampler.name`` is set, else
+    ``sample_steps``'s rule (``spec_from_sample_steps``)."""
+    return spec_from_block(settings.sampler, settings.sample_steps)
 
 
 def attribution_settings(grid: GridConfig, quick: bool) -> AttributionConfig:

@@ -112,9 +112,10 @@ def ceiling_metrics(diffusion, dataset, num_samples: int = 256, sample_steps: in
                     batch_size: int = 256, device="cpu") -> dict:
     """Oracle metrics of ``num_samples`` images that the exact Bayes denoiser samples through the same path as
     a trained model's evaluation (``training.reporting.sample_oracle_metrics``: DDIM with ``sample_steps``
-    steps, η = 0, ``clip_denoised``, one noise stream per image, ``to_uint8`` quantisation): what a perfect
-    (Bayes-optimal) denoiser scores with this sampler, i.e. the ceiling row. Not an upper bound on every
-    field: DDIM with few steps under-produces the σ0 noise, so its residual_ratio is below the data's."""
+    steps, η = 0, ``clip_denoised``, or the ``SamplerSpec`` passed as ``sample_steps``; one noise stream per
+    image, ``to_uint8`` quantisation): what a perfect (Bayes-optimal) denoiser scores with this sampler, i.e.
+    the ceiling row. Not an upper bound on every field: DDIM with few steps under-produces the σ0 noise, so its
+    residual_ratio is below the data's."""
     from ..training.reporting import sample_oracle_metrics  # lazy: training imports metrics
 
     model = bayes_denoiser(dataset, diffusion).to(device)

@@ -31,7 +31,7 @@ import torch
 from ..atomic import atomic_write
 from ..config import config_from_dict
 from ..errors import UserError
-from ..sampling import spec_from_sample_steps
+from ..sampling import sampler_spec, spec_from_sample_steps
 from ..training.checkpoint import FORMAT_VERSION, atomic_torch_save, load_network
 from ..training.reporting import evaluate_samples, save_grid
 from .magnitude import SCOPES, magnitude_masks, random_masks
@@ -134,7 +134,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     _add(p, "--batch_size", type=int, default=256, help="sampling batch size")
     _add(p, "--eval_samples", type=int, help="twoscale: samples for the oracle metrics (default eval.num_samples)")
     _add(p, "--preview_samples", type=int, default=16, help="images in preview.png (0: none)")
-    _add(p, "--sample_steps", type=int, help="DDIM steps for preview/eval (default train.sample_steps)")
+    _add(p, "--sample_steps", type=int, help="DDIM steps for preview/eval, 0 = ancestral (default: the network's "
+                                             "config, its sampler block or train.sample_steps)")
     args = p.parse_args(argv)
     given = {flag: v for flag, v in (("--method", args.method), ("--pruner", args.pruner),
                                      ("--pruning_method", args.pruning_method and "structured")) if v}
@@ -190,10 +191,11 @@ def evaluate(net, args, model, out: Path, device) -> dict | None:
         return None
     from ..training import builders
 
-    overrides = [f"eval.num_samples={n}", f"eval.batch_size={args.batch_size}"]
-    if args.sample_steps is not None:
+    overrides, raw = [f"eval.num_samples={n}", f"eval.batch_size={args.batch_size}"], cfg.to_dict()
+    if args.sample_steps is not None:  # replaces the network's sampler, block included
         overrides.append(f"train.sample_steps={args.sample_steps}")
-    ecfg = config_from_dict(cfg.to_dict(), overrides)
+        raw["sampler"] = {}
+    ecfg = config_from_dict(raw, overrides)
     return evaluate_samples(ecfg, net.diffusion, model.to(device), builders.make_dataset(ecfg), device, out,
                             net.step)["metrics"]
 
@@ -203,9 +205,10 @@ def preview(net, args, model, path: Path, device) -> None:
         return
     from ..training import builders
 
-    # images 0 … n−1 of generate.py --seed args.seed with the sampler of --sample_steps (train.sample_steps)
-    steps = net.config.train.sample_steps if args.sample_steps is None else args.sample_steps
-    save_grid(net.diffusion, model.to(device), spec_from_sample_steps(steps), args.seed, args.preview_samples,
+    # images 0 … n−1 of generate.py --seed args.seed with the sampler of --sample_steps, else the network's own
+    # (its config's sampler block, or train.sample_steps)
+    spec = sampler_spec(net.config) if args.sample_steps is None else spec_from_sample_steps(args.sample_steps)
+    save_grid(net.diffusion, model.to(device), spec, args.seed, args.preview_samples,
               builders.image_shape(net.config), path, device, args.batch_size)
 
 

@@ -22,7 +22,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="use the EMA weights (default; falls back to raw weights when there is no EMA)")
     p.add_argument("--sampler", metavar="NAME",
                    help=f"sampler: one of {', '.join(sorted(SAMPLERS))} (sampling/samplers.py SAMPLERS); default "
-                        f"ancestral, or ddim with --use-ddim")
+                        f"ancestral, or ddim with --use-ddim (the checkpoint config's sampler block and "
+                        f"train.sample_steps are not read)")
     p.add_argument("--use-ddim", action="store_true", help="DDIM instead of full ancestral DDPM sampling "
                                                            "(= --sampler ddim)")
     p.add_argument("--ddim-steps", "--subseq-size", dest="ddim_steps", type=int, default=100,

@@ -11,12 +11,14 @@
   per-step noise tensor from ``noise_fn()`` (so image i stays a function of (seed, i)).
 
 Adding a sampler (e.g. DPM-Solver) is one new entry here, plus its math in ``diffusion/`` when it is new;
-``sample_batch``, ``generate.py --sampler NAME``, the manifests and the folder names pick it up.
+``sample_batch``, ``generate.py --sampler NAME``, the config's ``sampler.name`` (training grids, ``eval.json``,
+prune.py's preview, the experiment grid's ``eval.sampler``), the manifests and the folder names pick it up.
 ``tests/test_samplers.py`` registers a toy one-step sampler this way.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -196,6 +198,59 @@ def spec_from_sample_steps(sample_steps: int) -> SamplerSpec:
     if isinstance(sample_steps, bool) or not isinstance(sample_steps, int) or sample_steps < 0:
         raise UserError(f"sample_steps = {sample_steps!r} must be an integer ≥ 0 (0 = ancestral, S > 0 = DDIM S steps)")
     return SamplerSpec(name="ddim", steps=sample_steps) if sample_steps > 0 else SamplerSpec(name="ancestral")
+
+
+# The SamplerSpec settings a ``sampler`` config block may give (``config.SamplerConfig``, the experiment grid's
+# ``eval.sampler``); ``t_max`` (partial sampling from a lower noise level) stays a generate.py flag.
+BLOCK_FIELDS = ("steps", "eta", "skip_type", "clip_denoised")
+
+
+def spec_from_block(block, sample_steps: int) -> SamplerSpec:
+    """A ``sampler`` block (``name`` and ``BLOCK_FIELDS``, None = unset) → a spec: with ``name`` set, that sampler
+    with the given settings (the ``SamplerSpec`` defaults for the others); with ``name`` null, the
+    ``sample_steps`` rule (``spec_from_sample_steps``) exactly as without a block."""
+    if block is None or block.name is None:
+        return spec_from_sample_steps(sample_steps)
+    return SamplerSpec(name=block.name, **{k: getattr(block, k) for k in BLOCK_FIELDS if getattr(block, k) is not None})
+
+
+def sampler_spec(cfg) -> SamplerSpec:
+    """The training-side sampler of a ``Config``: sample grids, the end-of-training ``eval.json``, prune.py's
+    preview. Its ``sampler`` block when ``sampler.name`` is set, else ``train.sample_steps``'s rule."""
+    return spec_from_block(getattr(cfg, "sampler", None), cfg.train.sample_steps)
+
+
+def check_sampler_block(block, sample_steps: int, default_steps: int, timesteps: int | None = None,
+                        key: str = "sampler", steps_key: str = "train.sample_steps", where: str = "") -> None:
+    """One-line ``UserError`` for a block that cannot mean one sampler: settings without ``name``, settings the
+    named sampler does not read, steps the diffusion lacks (when ``timesteps`` is known), or a ``sample_steps``
+    other than its default ``default_steps`` that names another sampler than the block."""
+    given = [k for k in BLOCK_FIELDS if getattr(block, k) is not None]
+    if block.name is None:
+        if given:
+            raise UserError(f"{where}'{key}.{given[0]}' is set but '{key}.name' is null; set '{key}.name' (one of "
+                            f"{list(SAMPLERS)}) or remove '{key}.{given[0]}'")
+        return
+    sampler = get_sampler(block.name)
+    unread = [k for k in given if k not in sampler.fields]
+    if unread:
+        reads = [k for k in BLOCK_FIELDS if k in sampler.fields]
+        raise UserError(f"{where}'{key}.{unread[0]}' does not apply to sampler '{block.name}' (it reads "
+                        f"{reads or 'none of them'}); remove it or pick another '{key}.name'")
+    spec = spec_from_block(block, sample_steps)
+    if timesteps is not None:
+        try:
+            spec.validate(timesteps)
+        except UserError as exc:
+            raise UserError(f"{where}'{key}' ({block.name}): {exc}") from None
+    derived = spec_from_sample_steps(sample_steps)
+    if sample_steps != default_steps and spec.to_dict() != derived.to_dict():
+        def named(s):
+            return s.describe(timesteps) if timesteps is not None else json.dumps(s.to_dict())
+
+        raise UserError(f"{where}'{key}' names {named(spec)} but '{steps_key}' = {sample_steps} names "
+                        f"{named(derived)}; remove '{steps_key}' (or set it to its default {default_steps}): "
+                        f"the '{key}' block replaces it")
 
 
 @torch.no_grad()

@@ -191,28 +191,29 @@ def save_grid(diffusion, model, spec, seed: int, num_images: int, image_shape, p
 
 
 @torch.no_grad()
-def eval_samples(diffusion, model, shape, num_samples: int, sample_steps: int, seed: int, batch_size: int,
+def eval_samples(diffusion, model, shape, num_samples: int, sampler, seed: int, batch_size: int,
                  device) -> torch.Tensor:
-    """uint8 [N, H, W, C]: images 0 … num_samples−1 exactly as ``generate.py --seed seed`` makes them with the
-    sampler of ``sample_steps`` (``spec_from_sample_steps``: DDIM with that many steps and η = 0, or ancestral
-    when 0). A class-conditional network samples ``--classes balanced`` (image i has class i mod num_classes),
-    w = 0."""
-    from ..sampling import spec_from_sample_steps
+    """uint8 [N, H, W, C]: images 0 … num_samples−1 exactly as ``generate.py --seed seed`` makes them with
+    ``sampler``: a ``SamplerSpec`` (``sampling.sampler_spec(cfg)``), or the seeds' ``sample_steps`` integer
+    (``spec_from_sample_steps``: DDIM with that many steps and η = 0, or ancestral when 0). A class-conditional
+    network samples ``--classes balanced`` (image i has class i mod num_classes), w = 0."""
+    from ..sampling import SamplerSpec, spec_from_sample_steps
     from ..sampling.guidance import image_labels, num_classes_of
 
+    spec = sampler if isinstance(sampler, SamplerSpec) else spec_from_sample_steps(sampler)
     k = num_classes_of(model)
     labels = image_labels("balanced", range(num_samples), k) if k else None
-    return sample_images(diffusion, model, spec_from_sample_steps(sample_steps), range(num_samples), seed, shape,
-                         device, batch_size, labels)
+    return sample_images(diffusion, model, spec, range(num_samples), seed, shape, device, batch_size, labels)
 
 
-def sample_oracle_metrics(diffusion, model, dataset, num_samples: int, sample_steps: int, seed: int,
+def sample_oracle_metrics(diffusion, model, dataset, num_samples: int, sampler, seed: int,
                           batch_size: int, device) -> dict:
-    """``eval_samples`` scored with the twoscale oracle metrics."""
+    """``eval_samples`` (``sampler``: a ``SamplerSpec`` or a ``sample_steps`` integer) scored with the twoscale
+    oracle metrics."""
     from ..metrics.oracle import twoscale_oracle_metrics
     from ..sampling import from_uint8
 
-    images = eval_samples(diffusion, model, dataset.image_shape, num_samples, sample_steps, seed, batch_size, device)
+    images = eval_samples(diffusion, model, dataset.image_shape, num_samples, sampler, seed, batch_size, device)
     return twoscale_oracle_metrics(from_uint8(images), dataset)
 
 
@@ -232,7 +233,7 @@ def evaluate_samples(cfg, diffusion, model, dataset, device, out_path: Path, ste
     images = None
     if n and (twoscale or needs_samples(ev)):
         images = eval_samples(diffusion, model, dataset.image_shape if twoscale else _shape(cfg), n,
-                              cfg.train.sample_steps, cfg.train.seed, ev.batch_size, device)
+                              _spec(cfg), cfg.train.seed, ev.batch_size, device)
     if twoscale and images is not None:
         from ..metrics.oracle import twoscale_oracle_metrics
         from ..sampling import from_uint8
@@ -262,7 +263,11 @@ def _without_sample_metrics(ev):
     return dataclasses.replace(ev, metrics=[m for m in ev.metrics if not EXTRA_METRICS[m][1]])
 
 
-def _sampler_name(cfg) -> str:
-    from ..sampling import spec_from_sample_steps
+def _spec(cfg):
+    from ..sampling import sampler_spec
 
-    return spec_from_sample_steps(cfg.train.sample_steps).describe(cfg.diffusion.timesteps)
+    return sampler_spec(cfg)
+
+
+def _sampler_name(cfg) -> str:
+    return _spec(cfg).describe(cfg.diffusion.timesteps)
