@@ -44,20 +44,20 @@ class HookContext:
     hooks of a step: ``loss_terms``, ``after_backward``, ``after_step``).
 
     ``step``: optimizer steps done (at ``on_stage_end``: including the stage's last one). ``model``: the network
-    being trained, without a DDP or compile wrapper. ``ema_model``: the EMA copy, None without EMA.
-    ``optimizer``: the run's optimizer (the step's lr is ``param_groups[0]["lr"]``; Adam's moments in its
-    ``state``). ``grad_scale``: the fp16 GradScaler's scale of this step's backward (1.0 without fp16): the
-    trainer unscales the parameters' ``.grad`` before ``after_backward``, but gradients captured during the
-    backward (CS's gate probe) are ``grad_scale`` × the true ones. ``world``: world size. ``run_dir``,
-    ``device``, ``cfg`` (the run's Config) as the trainer's. Services: ``probe_loss()`` is the mean loss of one
-    fixed probe batch (same on every rank, eval mode); ``load_weights(state_dict)`` loads weights into the
-    model and resets the EMA copy to them.
+    being trained, without a DDP or compile wrapper. ``ema_model``: the EMA copy, None without EMA. ``optimizer``:
+    the run's optimizer (the step's lr is ``param_groups[0]["lr"]``; Adam's moments in its ``state``; None under an
+    update rule without one, MaskPro's mask learning). ``grad_scale``: the fp16 GradScaler's scale of this step's
+    backward (1.0 without fp16): the trainer unscales the parameters' ``.grad`` before ``after_backward``, but
+    gradients captured during the backward (CS's gate probe) are ``grad_scale`` × the true ones. ``world``: world
+    size. ``run_dir``, ``device``, ``cfg`` (the run's Config) as the trainer's. Services: ``probe_loss()`` is the
+    mean loss of one fixed probe batch (same on every rank, eval mode); ``load_weights(state_dict)`` loads weights
+    into the model and resets the EMA copy to them.
     """
 
     step: int
     model: nn.Module
     ema_model: nn.Module | None
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None
     grad_scale: float
     world: int
     run_dir: Path

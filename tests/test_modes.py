@@ -75,8 +75,8 @@ def test_every_mode_builds_what_it_declares():
         assert hasattr(model, "channel_mask") == gated, name
         assert [type(e).__name__ for e in build_extensions(cfg, model)] == want_ext, name
     finetune = tiny_cfg("mode=prune", "maskpro.phase=finetune")
-    assert mode_of(finetune).trainer(finetune) is None  # CurriculumTrainer
-    assert mode_of(tiny_cfg("mode=prune")).trainer(tiny_cfg("mode=prune")).__name__ == "MaskProTrainer"
+    assert mode_of(finetune).update(finetune) is None  # GradientUpdate
+    assert mode_of(tiny_cfg("mode=prune")).update(tiny_cfg("mode=prune")).__name__ == "PolicyGradientUpdate"
 
 
 def test_the_mode_bench_switches_come_from_the_registry():

@@ -1,5 +1,6 @@
-"""Mode prune in the trainer: phase learn (MaskProTrainer) and phase finetune (MaskedFinetune), each with an
-exact resume; weights untouched while learning; pruned weights exactly zero through Adam and the EMA."""
+"""Mode prune in the trainer: phase learn (its update rule PolicyGradientUpdate) and phase finetune
+(MaskedFinetune), each with an exact resume; weights untouched while learning; pruned weights exactly zero
+through Adam and the EMA."""
 
 import json
 from pathlib import Path
@@ -9,7 +10,6 @@ import torch
 
 from ddpm_curriculum.config import load_config
 from ddpm_curriculum.errors import UserError
-from ddpm_curriculum.pruning.learn import MaskProTrainer
 from ddpm_curriculum.pruning.masks import save_masks
 from ddpm_curriculum.pruning.nm import kept_per_group, nm_groups, nm_mask
 from ddpm_curriculum.training import CurriculumTrainer
@@ -47,8 +47,8 @@ def full_and_resumed(cls, cfg, tmp_path, stop_at=3):
 
 @pytest.mark.slow
 def test_learning_resumes_exactly_and_never_changes_the_weights(source, tmp_path):
-    full, resumed = full_and_resumed(MaskProTrainer, learn_cfg(source), tmp_path)
-    a, b = full.update.state_dict(), resumed.update.state_dict()
+    full, resumed = full_and_resumed(CurriculumTrainer, learn_cfg(source), tmp_path)
+    a, b = full.update_rule.policy.state_dict(), resumed.update_rule.policy.state_dict()
     assert a["delta"] == b["delta"] != 0.0
     assert all(torch.equal(a["logits"][k], b["logits"][k]) for k in a["logits"])
     initial_logits = {k: 2.0 * nm_groups(v, 4).float() for k, v in a["initial_masks"].items()}
@@ -68,18 +68,18 @@ def test_learning_resumes_exactly_and_never_changes_the_weights(source, tmp_path
 
 
 def _ddp_learn_worker(rank, source, run_dir, out):
-    trainer = MaskProTrainer(learn_cfg(Path(source), "train.steps=6"), run_dir, CPU, progress=False)
+    trainer = CurriculumTrainer(learn_cfg(Path(source), "train.steps=6"), run_dir, CPU, progress=False)
     trainer.train()
-    torch.save(trainer.update.state_dict(), f"{out}/rank{rank}.pt")
+    torch.save(trainer.update_rule.policy.state_dict(), f"{out}/rank{rank}.pt")
 
 
 @pytest.mark.slow
 def test_two_process_learning_matches_one_process(source, tmp_path):
     ddp_spawn(_ddp_learn_worker, str(source), str(tmp_path / "ddp"), str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    single = MaskProTrainer(learn_cfg(source, "train.steps=6"), tmp_path / "one", CPU, progress=False)
+    single = CurriculumTrainer(learn_cfg(source, "train.steps=6"), tmp_path / "one", CPU, progress=False)
     single.train()
-    one = single.update.state_dict()
+    one = single.update_rule.policy.state_dict()
     assert r0["delta"] == r1["delta"] and r0["delta"] == pytest.approx(one["delta"], rel=1e-4, abs=1e-9)
     for k in r0["logits"]:
         assert torch.equal(r0["logits"][k], r1["logits"][k]), k  # ranks agree exactly
@@ -88,7 +88,7 @@ def test_two_process_learning_matches_one_process(source, tmp_path):
 
 @pytest.mark.slow
 def test_learning_uses_only_the_curriculum_stage_timesteps(source, tmp_path):
-    MaskProTrainer(learn_cfg(source), tmp_path, CPU, progress=False).train()
+    CurriculumTrainer(learn_cfg(source), tmp_path, CPU, progress=False).train()
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for rec in recs:
         assert {"maskpro_r", "maskpro_delta", "loss_initial_mask", "maskpro_changed_groups"} <= set(rec)
@@ -99,14 +99,14 @@ def test_learning_uses_only_the_curriculum_stage_timesteps(source, tmp_path):
 
 @pytest.mark.slow
 def test_learning_refuses_a_pruned_source(source, tmp_path):
-    MaskProTrainer(learn_cfg(source, "train.steps=6"), tmp_path / "learn", CPU, progress=False).train()
+    CurriculumTrainer(learn_cfg(source, "train.steps=6"), tmp_path / "learn", CPU, progress=False).train()
     with pytest.raises(UserError, match="is a pruned network"):
-        MaskProTrainer(learn_cfg(source, f"maskpro.source={tmp_path / 'learn'}"), tmp_path / "x", CPU)
+        CurriculumTrainer(learn_cfg(source, f"maskpro.source={tmp_path / 'learn'}"), tmp_path / "x", CPU)
 
 
 @pytest.mark.slow
 def test_finetune_keeps_pruned_weights_exactly_zero_and_resumes_exactly(source, tmp_path):
-    MaskProTrainer(learn_cfg(source, "train.steps=6"), tmp_path / "learn", CPU, progress=False).train()
+    CurriculumTrainer(learn_cfg(source, "train.steps=6"), tmp_path / "learn", CPU, progress=False).train()
     cfg = tiny_cfg(*PRUNE, "maskpro.phase=finetune", f"maskpro.source={tmp_path / 'learn'}",
                    "train.weight_decay=0.1", "train.optimizer=adamw")
     full, resumed = full_and_resumed(CurriculumTrainer, cfg, tmp_path)
@@ -158,3 +158,22 @@ def test_shipped_prune_configs_are_mode_prune():
         cfg = load_config(ROOT / "configs" / name)
         assert cfg.mode == "prune" and cfg.maskpro.phase == "learn"
         assert (cfg.maskpro.n, cfg.maskpro.m) == (2, 4)
+
+
+def test_mask_learning_shares_the_trainers_step_status(source, tmp_path, monkeypatch):
+    """Phase learn's rule has no optimizer, schedule or EMA, and its paired sums ride on the step's one status
+    all-reduce (the trainer's, as in every mode)."""
+    from ddpm_curriculum import dist
+
+    calls = []
+    real = dist.all_reduce_sum
+    monkeypatch.setattr(dist, "all_reduce_sum", lambda x: calls.append(x.numel()) or real(x))
+    trainer = CurriculumTrainer(learn_cfg(source), tmp_path, CPU, progress=False)
+    assert trainer.optimizer is None and trainer.ema is None and trainer.scheduler is None
+    trainer._enter_stage(trainer.plan[0])
+    images = torch.stack([trainer.dataset[i][0] for i in range(trainer.cfg.train.batch_size)])
+    calls.clear()
+    loss, _ = trainer.train_step(images)
+    assert calls == [5]  # non-finite, stop, sampled-mask loss sum, count, initial-mask loss sum
+    last = trainer.update_rule.learning.last
+    assert last["maskpro_r"] == pytest.approx(loss - last["loss_initial_mask"], abs=1e-12)

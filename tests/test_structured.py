@@ -16,7 +16,6 @@ from ddpm_curriculum.models import UNet
 from ddpm_curriculum.pruning import cli
 from ddpm_curriculum.pruning.cost import count_macs
 from ddpm_curriculum.pruning.finetune import adopt_source_architecture
-from ddpm_curriculum.pruning.learn import MaskProTrainer
 from ddpm_curriculum.pruning.structured import (StructuredOptions, diffusion_loss_gradients, require_torch_pruning,
                                                 structured_prune)
 from ddpm_curriculum.training import CurriculumTrainer, builders
@@ -234,7 +233,7 @@ def test_finetune_and_maskpro_run_on_the_structured_network(dense, tmp_path):
     learn, _ = adopt_source_architecture(tiny_cfg(*PRUNE, f"maskpro.source={tmp_path / 'ft'}", "train.steps=1",
                                                   "curriculum.enabled=false",
                                                   f"maskpro.masks={tmp_path / 'nm' / 'masks.pt'}"))
-    MaskProTrainer(learn, tmp_path / "mp", CPU, progress=False).train()
+    CurriculumTrainer(learn, tmp_path / "mp", CPU, progress=False).train()
     net = load_network(tmp_path / "mp")
     assert net.config.model.widths == tuned.config.model.widths and net.masks
 

@@ -1,9 +1,9 @@
 """Training modes behind one registry: ``MODES = {"baseline": Mode(...), "C": ..., "CS": ..., "prune": ...}``.
 
-A mode is declared once, here, by what it adds to a run: the config section that switches it on, whether it
-needs the curriculum, the network it trains, its training extensions (``hooks.TrainingExtension``), the trainer
-class that runs it, what it checks in the config, and its lines in ``--dry-run``. Everything that used to
-branch on the mode (config validation, ``builders.make_model``, ``build_extensions``, the CLI, the mode bench)
+A mode is declared once, here, by what it adds to a run: the config section that switches it on, whether it needs
+the curriculum, the network it trains, its training extensions (``hooks.TrainingExtension``), the update rule of its
+steps (``training/updates.py``), what it checks in the config, and its lines in ``--dry-run``. Everything that used
+to branch on the mode (config validation, ``builders.make_model``, ``build_extensions``, the CLI, the mode bench)
 asks the registry instead.
 
 The mode is the config's ``mode`` key. When it is null (every seed config) it is derived from the section
@@ -52,7 +52,7 @@ class Mode:
     curriculum: bool | None = None  # True: needs curriculum.enabled; False: needs it off; None: either
     network: Callable = _nothing  # cfg → registered model name, None = model.name
     extensions: Callable = _no_extensions  # (cfg, model) → [TrainingExtension]
-    trainer: Callable = _nothing  # cfg → trainer class, None = CurriculumTrainer
+    update: Callable = _nothing  # cfg → update rule class (training/updates.py), None = GradientUpdate
     prepare: Callable = _unchanged  # (cfg, dry_run) → (cfg, notes), before a new run starts (not on resume)
     validate: Callable = _nothing  # cfg → None, raises UserError
     describe: Callable = _no_lines  # cfg → extra --dry-run lines
@@ -144,12 +144,12 @@ def _prune_extensions(cfg, model) -> list:
     return [MaskedFinetune(cfg, model)]
 
 
-def _prune_trainer(cfg):
+def _prune_update(cfg):
     if cfg.maskpro.phase != "learn":
-        return None
-    from ..pruning.learn import MaskProTrainer
+        return None  # masked fine-tuning: gradient steps with the pruned entries frozen
+    from ..pruning.learn import PolicyGradientUpdate
 
-    return MaskProTrainer
+    return PolicyGradientUpdate
 
 
 def _prune_prepare(cfg, dry_run: bool):
@@ -180,7 +180,7 @@ MODES: dict[str, Mode] = {m.name: m for m in [
          section="regularization", curriculum=True, extensions=_cr_extensions, validate=_cr_validate,
          describe=_cr_describe, stage_notes=_cr_stage_notes),
     Mode("prune", "N:M masks learnt with MaskPro (phase learn) or masked fine-tuning (phase finetune)",
-         section="maskpro", extensions=_prune_extensions, trainer=_prune_trainer, prepare=_prune_prepare,
+         section="maskpro", extensions=_prune_extensions, update=_prune_update, prepare=_prune_prepare,
          validate=_prune_validate),
 ]}
 

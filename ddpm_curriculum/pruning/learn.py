@@ -1,17 +1,19 @@
 """Mode ``prune``, phase ``learn``: MaskPro mask learning inside the ordinary training loop.
 
-``MaskProTrainer`` is a ``CurriculumTrainer`` whose step updates mask logits instead of weights; data order,
-timesteps and noise (``_draw``), the curriculum's time range, logging, sample grids, checkpoints, exact
-resume, signals and DDP are the trainer's own. One step::
+``PolicyGradientUpdate`` is the mode's update rule (``training/updates.py``): the ordinary ``CurriculumTrainer``
+runs it, so data order, timesteps and noise, the curriculum's time range, logging, sample grids, checkpoints,
+exact resume, signals, the step's status all-reduce and DDP are the trainer's own; the rule updates mask logits
+instead of weights and has no optimizer, LR schedule, grad scaler or EMA. One step::
 
     batch → (x0, t, ε) of this step → masks sampled for every wrapped layer (seeded by the step: the same
     on every rank) → L(initial masks) and L(sampled masks) on the same (x0, t, ε), network in eval mode
-    (no dropout, so the pair differs only by the mask) → r summed over all ranks → δ and logits updated
+    (no dropout, so the pair differs only by the mask) → both sums added over all ranks in the step's status
+    all-reduce → r = their difference per sample → δ and logits updated
 
 The loss is restricted to the timesteps the trainer draws: the current curriculum stage's range when
 ``curriculum.enabled``, all of 0..T−1 otherwise. Checkpoints hold the dense weights (``model``/``ema``,
-never changed), the learned top-N ``masks`` (``load_network`` applies them) and the logits, initial masks
-and δ (``extensions.maskpro``).
+never changed: ``ema`` is the same weights, for readers that prefer the EMA copy), the learned top-N ``masks``
+(``load_network`` applies them) and the logits, initial masks and δ (``extensions.maskpro``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .. import dist
 from ..errors import UserError
 from ..hooks import HookContext, TrainingExtension
 from ..training.sampler import mix_seed
-from ..training.trainer import CurriculumTrainer
+from ..training.updates import StepBatch, StepResult, StepStatus, UpdateRule
 from .finetune import load_source
 from .masks import load_masks
 from .maskpro import MaskProUpdate, maskpro_layers, wrap_model_with_maskpro
@@ -48,82 +50,85 @@ class MaskProLearning(TrainingExtension):
         self.update.load_state_dict(state)
 
 
-class MaskProTrainer(CurriculumTrainer):
+class PolicyGradientUpdate(UpdateRule):
     """Learns N:M masks with MaskPro (weights frozen); see the module docstring."""
 
-    def __init__(self, cfg, run_dir, device, resume_state: dict | None = None, **kwargs):
-        super().__init__(cfg, run_dir, device, resume_state=resume_state, **kwargs)
+    name = "maskpro"
+
+    def __init__(self, cfg, model, diffusion, policy: MaskProUpdate, device):
+        self.cfg, self.model, self.diffusion, self.device = cfg, model, diffusion, device
+        self.policy = policy
+        self.learning = MaskProLearning(policy)
+        self.extensions = [self.learning]  # its log fields, and its state in the checkpoint's extensions
+
+    @classmethod
+    def for_run(cls, cfg, model, diffusion, extensions, device, resume_state):
+        """Wrap ``model``'s layers: a new run loads ``maskpro.source``'s dense weights and its initial masks
+        (``maskpro.masks``, else N:M magnitude); a resumed run takes the initial masks from the checkpoint."""
         mp = cfg.maskpro
         if resume_state is None:
-            initial = self._load_source()
+            initial = _load_source(cfg, model)
         else:
             saved = (resume_state.get("extensions") or {}).get(MaskProLearning.name)
             if saved is None:
                 raise UserError("the checkpoint has no MaskPro state (it was trained in another mode); "
                                 "resume with the config it was trained with")
             initial = saved["initial_masks"]
-        layers = wrap_model_with_maskpro(self.model, mp.n, mp.m, mp.target_layers, initial_masks=initial,
+        layers = wrap_model_with_maskpro(model, mp.n, mp.m, mp.target_layers, initial_masks=initial,
                                          order=mp.order, logits_magnitude=mp.logits_magnitude,
                                          **({"protect": ()} if initial is not None else {}))
-        self.update = MaskProUpdate(layers, mp.lr, mp.baseline_beta)
-        self.learning = MaskProLearning(self.update)
-        if resume_state is not None:
-            self.learning.load_state_dict(resume_state["extensions"][MaskProLearning.name])
-        self.extensions.append(self.learning)
         dist.print0(f"MaskPro: {len(layers)} layers, {mp.n}:{mp.m} ({mp.order}), lr {mp.lr}, "
                     f"logits magnitude {mp.logits_magnitude}, baseline β {mp.baseline_beta}")
+        return cls(cfg, model, diffusion, MaskProUpdate(layers, mp.lr, mp.baseline_beta), device)
 
-    def _load_source(self) -> dict | None:
-        """Dense source weights into the network and the EMA copy; the initial masks (None: N:M magnitude)."""
-        net = load_source(self.cfg)
-        if net.masks:
-            raise UserError(f"maskpro.source {self.cfg.maskpro.source} is a pruned network (its pruned weights "
-                            f"are 0); MaskPro learns from the dense one: set maskpro.source to the unpruned "
-                            f"network and maskpro.masks to the mask file")
-        self.model.load_state_dict(net.model.state_dict())
-        if self.ema is not None:
-            self.ema.load_state_dict(net.model.state_dict(), 0)
-        return load_masks(self.cfg.maskpro.masks) if self.cfg.maskpro.masks else None
+    @property
+    def lr(self) -> float:
+        return self.policy.lr
 
     @torch.no_grad()
-    def _losses(self, x0, t, noise, y=None) -> torch.Tensor:
-        """Per-sample losses [B] of this rank's batch with the masks in use (accum_steps micro-batches); ``y``:
-        class labels of a conditional network."""
+    def _losses(self, batch: StepBatch) -> torch.Tensor:
+        """Per-sample losses [B] of this rank's batch with the masks in use (accum_steps micro-batches)."""
+        x0, t, noise, y = batch.x0, batch.t, batch.noise, batch.y
         micro = -(-x0.shape[0] // self.cfg.train.accum_steps)
         return torch.cat([self.diffusion.training_losses(self.model, x0[i:i + micro], t[i:i + micro],
                                                          noise[i:i + micro],
                                                          **({} if y is None else {"y": y[i:i + micro]}))
                           for i in range(0, x0.shape[0], micro)])
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[float | None, bool]:
-        """One MaskPro update (see the module docstring). Returns (sum of sampled-mask losses, stop?)."""
-        x0, t, noise = self._draw(images, self.cfg.train.batch_size)
-        y = self._draw_labels(labels, self.cfg.train.batch_size)
-        g = torch.Generator(device=self.device).manual_seed(mix_seed(self.cfg.train.seed, self.step, 0x3A5C))
-        positions = self.update.sample(g)
+    def forward(self, batch: StepBatch, ctx) -> StepResult:
+        """Masks sampled by the step's seed (the same on every rank), then the paired losses; the sampled
+        masks' losses are the step's losses, the initial masks' sum goes into the status all-reduce."""
+        g = torch.Generator(device=self.device).manual_seed(mix_seed(self.cfg.train.seed, batch.step, 0x3A5C))
+        positions = self.policy.sample(g)
         self.model.eval()  # dropout would make the two losses differ by more than the mask
-        loss_initial, loss_sampled = self.update.paired_losses(positions, lambda: self._losses(x0, t, noise, y))
+        loss_initial, loss_sampled = self.policy.paired_losses(positions, lambda: self._losses(batch))
         self.model.train()
-        sums = torch.stack([loss_sampled.double().sum(), loss_initial.double().sum(),
-                            torch.tensor(float(x0.shape[0]), dtype=torch.float64, device=self.device),
-                            (~torch.isfinite(loss_sampled)).any().double(),
-                            torch.tensor(float(self._stop_requested), dtype=torch.float64, device=self.device)])
-        sampled, initial, count, bad, stop = dist.all_reduce_sum(sums).tolist()
-        if bad:
-            self._skip_nonfinite_step()
-            return None, bool(stop)
-        r = (sampled - initial) / count  # paired reward over the global batch: identical on every rank
-        advantage = self.update.step(positions, r)
-        self.learning.last = {"maskpro_r": r, "maskpro_advantage": advantage, "loss_initial_mask": initial / count}
-        self.log.add(loss_sampled.float(), None, t, torch.zeros((), device=self.device), x0.shape[0])
-        return float(loss_sampled.sum()), bool(stop)
+        return StepResult(loss_sampled.float(), sums={"initial": loss_initial.double().sum()}, payload=positions)
 
-    def sampling_model(self):
+    def apply(self, result: StepResult, status: StepStatus, ctx) -> torch.Tensor:
+        r = (status.loss_sum - status.sums["initial"]) / status.count  # paired reward over the global batch
+        advantage = self.policy.step(result.payload, r)
+        self.learning.last = {"maskpro_r": r, "maskpro_advantage": advantage,
+                              "loss_initial_mask": status.sums["initial"] / status.count}
+        return torch.zeros((), device=self.device)  # no gradients
+
+    def sampling_model(self, model):
         """The network with the learned (top-N) masks, for sample grids and the final evaluation."""
-        self.update.use_top()
-        return self.model
+        self.policy.use_top()
+        return model
 
     def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["masks"] = {name: layer.top_mask().cpu() for name, layer in maskpro_layers(self.model).items()}
-        return state
+        weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return {"ema": weights, "ema_num_updates": 0,
+                "masks": {name: layer.top_mask().cpu() for name, layer in maskpro_layers(self.model).items()}}
+
+
+def _load_source(cfg, model) -> dict | None:
+    """Dense source weights into ``model``; the initial masks (None: N:M magnitude)."""
+    net = load_source(cfg)
+    if net.masks:
+        raise UserError(f"maskpro.source {cfg.maskpro.source} is a pruned network (its pruned weights "
+                        f"are 0); MaskPro learns from the dense one: set maskpro.source to the unpruned "
+                        f"network and maskpro.masks to the mask file")
+    model.load_state_dict(net.model.state_dict())
+    return load_masks(cfg.maskpro.masks) if cfg.maskpro.masks else None

@@ -164,9 +164,10 @@ ENTRY_KINDS = {
 # Entries every checkpoint of this project has (training, pruned.pt), those a resume needs as well, and
 # those it may have (absent or None allowed; checked when present).
 NETWORK_ENTRIES = {"model": "state dict of tensors", "config": "dict"}
-TRAINING_ENTRIES = {**NETWORK_ENTRIES, "step": "integer ≥ 0", "optimizer": "optimizer state dict",
-                    "scheduler": "dict", "scaler": "dict"}
-TRAINING_OPTIONAL = {"ema": "state dict of tensors", "ema_num_updates": "integer ≥ 0", "stage_entered": "integer",
+# (the update rule checks its own entries when it loads them: training/updates.py)
+TRAINING_ENTRIES = {**NETWORK_ENTRIES, "step": "integer ≥ 0"}
+TRAINING_OPTIONAL = {"optimizer": "optimizer state dict", "scheduler": "dict", "scaler": "dict",
+                     "ema": "state dict of tensors", "ema_num_updates": "integer ≥ 0", "stage_entered": "integer",
                      "pacing": "dict", "extensions": "dict", "rng": "list of per-rank RNG states",
                      "masks": "state dict of tensors"}
 # What load_network reads from this project's checkpoints and from N:M compact files.

@@ -105,7 +105,7 @@ RESUME_RULES: list[tuple[str, str | None]] = [
     ("curriculum.stages.*.epochs", None), ("curriculum.stages.*.steps", None),
     ("train.num_workers", None), ("train.log_intv", None), ("train.num_samples", None),
     ("train.image_intv", None), ("train.chkpt_intv", None), ("train.keep_checkpoints", None),
-    ("train.sample_steps", None), ("eval.*", None),
+    ("train.sample_steps", None), ("sampler.*", None), ("eval.*", None),
     ("dataset.root", None), ("dataset.download", None), ("dataset.cache", None), ("dataset.cache_dir", None),
     ("model.channels_last", None), ("model.compile", None),
     ("mode", "the run's network, extensions and checkpoint state belong to the saved mode"),
@@ -225,7 +225,6 @@ def worker(args, cfg_dict: dict, run_dir: str, resume: bool) -> int:
     lock = None
     try:
         cfg = config_from_dict(cfg_dict)
-        trainer_cls = mode_of(cfg).trainer(cfg) or CurriculumTrainer
         state = load_checkpoint(args.resume or run_dir, for_resume=True) if resume else None
         run_dir = Path(dist.broadcast_object(str(run_dir)))
         threads = dist.set_threads(args.threads)
@@ -238,8 +237,8 @@ def worker(args, cfg_dict: dict, run_dir: str, resume: bool) -> int:
                     " (torch's default; on a busy machine --threads 1 is often much faster)"))
         for line in _variant_lines(cfg):
             dist.print0(line)
-        trainer = trainer_cls(cfg, run_dir, device, resume_state=state,
-                              stop_at_step=args.stop_at_step, progress=not args.no_progress)
+        trainer = CurriculumTrainer(cfg, run_dir, device, resume_state=state,
+                                    stop_at_step=args.stop_at_step, progress=not args.no_progress)
         if dist.is_main():  # after the trainer accepted the config (and the checkpoint): nothing unchecked recorded
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))

@@ -1,10 +1,12 @@
 """CurriculumTrainer: the training loop for baseline DDPM, the timestep curriculum and its modes.
 
-One optimizer step reads like the algorithm::
+One step reads like the algorithm::
 
-    batch → t from the current stage's range, ε, flips (seeded by the step) → w(t)·loss (+ mode terms)
-          → backward → (mode: read/zero gradients) → clip → optimizer step → (mode: fix weights)
-          → LR schedule → EMA
+    batch → t from the current stage's range, ε, flips, dropped labels (seeded by the step)
+          → the mode's update rule (``updates.py``): forward, one status all-reduce, update or skip
+
+The gradient rule is w(t)·loss (+ mode terms) → backward → (mode: read/zero gradients) → clip → optimizer step
+→ (mode: fix weights) → LR schedule → EMA; mode prune's mask learning has its own rule (``pruning/learn.py``).
 
 Modes plug in as ``TrainingExtension`` objects (``hooks.py``) instead of forking this loop; their hooks get a
 ``HookContext`` (the step, the raw model, the EMA copy, the optimizer, the grad scale, … and the services
@@ -17,8 +19,6 @@ keeps its state in the checkpoint.
 
 from __future__ import annotations
 
-import contextlib
-import math
 import signal
 from pathlib import Path
 
@@ -32,12 +32,13 @@ from ..config import Config, config_from_dict
 from ..diffusion.timestep_sampling import TimestepSampler
 from ..errors import UserError, interrupt_note
 from ..hooks import HookContext
-from ..sampling import spec_from_sample_steps
+from ..modes import mode_of
+from ..sampling import sampler_spec
 from . import builders, seed_api
 from .checkpoint import FORMAT_VERSION, check_compatible, save_checkpoint
 from .early_stop import EarlyStop
-from .ema import EMA
 from .extensions import build_extensions
+from .updates import GradientUpdate, StepBatch, step_status
 from .plan import PACINGS, stage_at, total_steps
 from .reporting import MetricsLog, TensorBoardSink, append_jsonl, evaluate_samples, save_grid
 from .sampler import ShardedBatchSampler, mix_seed, step_generator
@@ -114,11 +115,10 @@ class CurriculumTrainer:
         if cfg.model.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.extensions = build_extensions(cfg, self.model)
-        self.ema = EMA(self.model, t.ema_decay, t.ema_update_every, t.ema_start_step) if t.use_ema else None
-        self.optimizer = self._make_optimizer()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / t.warmup) if t.warmup > 0 else 1.0)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=t.amp == "fp16")
+        # the mode's update rule: the optimizer, LR schedule, grad scaler and EMA are the gradient rule's
+        rule = mode_of(cfg).update(cfg) or GradientUpdate
+        self.update_rule = rule.for_run(cfg, self.model, self.diffusion, self.extensions, device, resume_state)
+        self.extensions = self.extensions + list(self.update_rule.extensions)
         torch.manual_seed(mix_seed(t.seed, self.rank, 0xD0))
 
         self.sampler = ShardedBatchSampler(len(self.dataset), t.batch_size, self.rank, self.world, t.seed)
@@ -130,7 +130,7 @@ class CurriculumTrainer:
         self.plan = self.pacing.plan()
         self.step = 0
         self.stage_entered = -1  # index of the last stage whose on_stage_start hooks ran
-        self.loss_terms: dict[str, torch.Tensor] = {}  # the extensions' loss terms of the last step (detached)
+        self.loss_terms: dict[str, torch.Tensor] = {}  # the mode's loss terms of the last step (detached)
         self.skipped_steps: list[int] = []  # steps skipped for a non-finite loss (train.skip_nonfinite_steps)
         self.early_stop = EarlyStop(t.early_stop_loss_change, t.early_stop_window, t.early_stop_smoothing)
         if resume_state is not None:
@@ -140,8 +140,9 @@ class CurriculumTrainer:
                             f"to train (pass a larger step, or drop --stop-at-step)")
 
         self.ddp_model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None) \
-            if self.world > 1 else self.model
+            if self.world > 1 and self.update_rule.trains_weights else self.model
         self.train_model = torch.compile(self.ddp_model) if cfg.model.compile else self.ddp_model
+        self.update_rule.attach(self.ddp_model, self.train_model)
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", NUM_T_BINS, self.diffusion.timesteps, device,
                               sink=tensorboard) \
             if dist.is_main() else MetricsLog(None, NUM_T_BINS, self.diffusion.timesteps, device)
@@ -150,7 +151,7 @@ class CurriculumTrainer:
         # per-image noise streams, and fixed labels), so grids over training are comparable.
         self.grid_labels, self.grid_rows = grid_layout(t.num_samples, self.num_classes)
         self.grid_size = t.num_samples if self.grid_labels is None else len(self.grid_labels)
-        self.grid_spec = spec_from_sample_steps(t.sample_steps)
+        self.grid_spec = sampler_spec(cfg)
 
     @classmethod
     def from_configs(cls, curriculum_config: dict | None = None, sparsity_config: dict | None = None,
@@ -178,10 +179,23 @@ class CurriculumTrainer:
         hint = "train.amp=bf16 (CPUs with native bf16) or none" if kind == "cpu" else "train.amp=none"
         raise UserError(f"'train.amp' = {amp!r} needs CUDA on device {kind!r}; set {hint}")
 
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        t = self.cfg.train
-        cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-        return cls(self.model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    # the update rule's state, by the names the trainer had before the rules were split out (None for rules
+    # without it: MaskPro's mask learning has no optimizer, schedule, scaler or EMA)
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self.update_rule.optimizer
+
+    @property
+    def ema(self):
+        return self.update_rule.ema
+
+    @property
+    def scheduler(self):
+        return getattr(self.update_rule, "scheduler", None)
+
+    @property
+    def scaler(self):
+        return getattr(self.update_rule, "scaler", None)
 
     @property
     def stage(self):
@@ -263,8 +277,7 @@ class CurriculumTrainer:
     def hook_context(self) -> HookContext:
         """What the extensions' hooks see of the trainer now (``hooks.HookContext``)."""
         return HookContext(step=self.step, model=self.model, ema_model=self.ema.model if self.ema is not None else None,
-                           optimizer=self.optimizer,
-                           grad_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
+                           optimizer=self.optimizer, grad_scale=self.update_rule.grad_scale(),
                            world=self.world, run_dir=self.run_dir, device=self.device, cfg=self.cfg,
                            probe_loss=self.probe_loss, load_weights=self.load_weights)
 
@@ -288,14 +301,8 @@ class CurriculumTrainer:
             model.train(was_training)
 
     def load_weights(self, state: dict) -> None:
-        """Load ``state`` into the network and restart the EMA copy from it (0 updates)."""
-        self.model.load_state_dict(state)
-        if self.ema is not None:
-            self.ema.load_state_dict(self.model.state_dict(), 0)
-
-    def _frozen_entries(self) -> list:
-        """The extensions' ``FrozenEntries`` (their ``frozen``, read anew each time: an extension may replace it)."""
-        return [f for f in (getattr(ext, "frozen", None) for ext in self.extensions) if f is not None]
+        """Load ``state`` into the network (the gradient rule also restarts the EMA copy from it, 0 updates)."""
+        self.update_rule.load_weights(self.model, state)
 
     def _enter_stage(self, stage) -> None:
         # One line per stage start in transitions.jsonl; extensions add their fields from on_stage_start.
@@ -309,78 +316,28 @@ class CurriculumTrainer:
             append_jsonl(self.run_dir / "transitions.jsonl", transition)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[float | None, bool]:
-        """One optimizer step on this rank's share of the global batch (``labels``: class-conditional networks).
+        """One step of the mode's update rule on this rank's share of the global batch (``labels``:
+        class-conditional networks).
 
         Returns (mean unweighted per-sample loss over the global batch, whether any rank asked to stop).
         On a NaN/inf loss the step is skipped (loss None) while train.skip_nonfinite_steps allows, else
         TrainingDiverged is raised after checkpointing the last good state.
         """
-        t_cfg, G = self.cfg.train, self.cfg.train.batch_size
+        G = self.cfg.train.batch_size
         # one view for the step's hooks: the step and the grad scale stay as they are until the scaler's update
         ctx = self.hook_context() if self.extensions else None
         x0, t, noise = self._draw(images, G)
-        y = self._draw_labels(labels, G)
-        weights = self.loss_weights(t) if self.loss_weights is not None else None
-        micro = x0.shape[0] // t_cfg.accum_steps
-        losses = []
-        for k in range(t_cfg.accum_steps):
-            sl = slice(k * micro, (k + 1) * micro)
-            sync = k == t_cfg.accum_steps - 1 or self.world == 1
-            with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
-                with self._autocast():  # reduced precision for the network's forward only
-                    per_sample = self.diffusion.training_losses(self.train_model, x0[sl], t[sl], noise[sl],
-                                                                **({} if y is None else {"y": y[sl]}))
-                per_sample = per_sample.float()  # loss reduction (and mode terms) in fp32
-                objective = per_sample if weights is None else per_sample * weights[sl]
-                loss = objective.mean() / t_cfg.accum_steps
-                if k == t_cfg.accum_steps - 1:  # mode terms once per step, inside DDP's forward/backward
-                    terms = self._loss_terms(ctx)
-                    loss = loss + sum(terms.values())
-            self.scaler.scale(loss).backward()
-            losses.append(per_sample.detach().float())
-        per_sample = torch.cat(losses)
-        bad, stop, mean_loss = self._step_status(per_sample)
-        if bad:
-            self.optimizer.zero_grad(set_to_none=True)
+        batch = StepBatch(self.step, x0, t, noise, self._draw_labels(labels, G),
+                          self.loss_weights(t) if self.loss_weights is not None else None)
+        result = self.update_rule.forward(batch, ctx)
+        self.loss_terms = result.terms
+        status = step_status(result, self._stop_requested, self.device)
+        if status.bad:
             self._skip_nonfinite_step()
-            return None, stop
-        self.scaler.unscale_(self.optimizer)
-        for ext in self.extensions:
-            ext.after_backward(ctx)
-        for frozen in self._frozen_entries():  # after every after_backward: those may read the frozen gradients
-            frozen.zero_grads()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t_cfg.grad_norm or math.inf)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        for ext in self.extensions:
-            ext.after_step(ctx)
-        for frozen in self._frozen_entries():
-            frozen.restore(self.optimizer)
-        if self.ema is not None:
-            self.ema.after_step(self.model, self.step + 1)
-        self.log.add(per_sample, weights, t, grad_norm.detach(), x0.shape[0], self.loss_terms)
-        return mean_loss, stop
-
-    def _step_status(self, per_sample: torch.Tensor) -> tuple[bool, bool, float]:
-        """One tiny collective per step: (any rank's loss non-finite, any rank asked to stop, global mean loss).
-
-        The mean (unweighted) loss over the global batch is what patience pacing watches.
-        """
-        status = torch.tensor([0.0, float(self._stop_requested), 0.0, float(per_sample.numel())],
-                              dtype=torch.float64, device=self.device)
-        status[0] = (~torch.isfinite(per_sample)).any()
-        status[2] = per_sample.double().sum()
-        bad, stop, loss_sum, count = dist.all_reduce_sum(status).tolist()
-        return bad > 0, stop > 0, loss_sum / count
-
-    def _loss_terms(self, ctx: HookContext | None) -> dict[str, torch.Tensor]:
-        terms = {}
-        for ext in self.extensions:
-            terms.update(ext.loss_terms(ctx))
-        self.loss_terms = {k: v.detach() for k, v in terms.items()}
-        return terms
+            return None, status.stop
+        grad_norm = self.update_rule.apply(result, status, ctx)
+        self.log.add(result.per_sample, result.weights, t, grad_norm, x0.shape[0], self.loss_terms)
+        return status.mean_loss, status.stop
 
     def _draw(self, images: torch.Tensor, global_batch: int):
         """This rank's x0, t and ε for the current step (drawn for the global batch, then sliced)."""
@@ -413,13 +370,6 @@ class CurriculumTrainer:
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)
         return y
 
-    def _autocast(self):
-        amp = self.cfg.train.amp
-        if amp == "none":
-            return contextlib.nullcontext()
-        # weights, gradients, optimizer state and EMA stay fp32: autocast only casts the op inputs
-        return torch.autocast(self.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
     # -------------------------------------------------------------------- maintenance
 
     def _after_step(self, stage, bar) -> None:
@@ -432,7 +382,7 @@ class CurriculumTrainer:
             for ext in self.extensions:
                 fields.update(ext.log_fields(ctx))
             rec = self.log.flush(step=self.step, epoch=self.step / self.steps_per_epoch, stage=stage.name,
-                                 t_range=list(self.timesteps.time_range), lr=self.scheduler.get_last_lr()[0],
+                                 t_range=list(self.timesteps.time_range), lr=self.update_rule.lr,
                                  **fields)
             if rec is not None:
                 self.img_per_sec = rec["img_per_sec"]
@@ -472,7 +422,8 @@ class CurriculumTrainer:
         bar.set_postfix_str(f"{stage.name} t∈[{lo},{hi}] loss={shown}{speed}", refresh=False)
 
     def sampling_model(self):
-        return self.ema.model if self.ema is not None else self.model
+        """The network sample grids and the final evaluation use (the EMA copy, or MaskPro's learned masks)."""
+        return self.update_rule.sampling_model(self.model)
 
     def sample_grid(self, tag: str) -> None:
         if self.cfg.train.num_samples == 0:
@@ -497,7 +448,7 @@ class CurriculumTrainer:
         if len(self.skipped_steps) >= allowed:
             self._diverged()
         self.skipped_steps.append(self.step + 1)
-        self.scheduler.step()  # the lr stays a function of the step
+        self.update_rule.skip()  # gradients dropped; the lr schedule still steps, so lr stays a function of the step
         note = {"step": self.step + 1, "skipped": "non-finite loss", "stage": self.stage.name,
                 "skipped_so_far": len(self.skipped_steps), "skip_nonfinite_steps": allowed}
         dist.print0(f"skipped step {self.step + 1} (stage '{self.stage.name}'): non-finite loss, no update "
@@ -553,11 +504,7 @@ class CurriculumTrainer:
         return {
             "format_version": FORMAT_VERSION,
             "model": self.model.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "ema_num_updates": self.ema.num_updates if self.ema is not None else 0,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            **self.update_rule.state_dict(),  # gradient rule: ema, ema_num_updates, optimizer, scheduler, scaler
             "step": self.step,
             "epoch": self.epoch,
             "pos_in_epoch": self.step % self.steps_per_epoch,
@@ -583,21 +530,6 @@ class CurriculumTrainer:
         dist.barrier()
         return dist.broadcast_object(path)
 
-    def _apply_optimizer_config(self) -> None:
-        """Loaded optimizer/scheduler state, but the config's hyper-parameters (a resume may change them).
-
-        Loading restores the saved lr, betas and weight decay into the param groups and the saved base lr
-        into the LR schedule, so ``--set train.lr=…`` would be recorded but not used. They are set again
-        here, and the lr of the next step is the schedule (built from this config, warm-up included) at the
-        current step: the same value an uninterrupted run with this config would use.
-        """
-        t, sched = self.cfg.train, self.scheduler
-        sched.base_lrs = [t.lr] * len(self.optimizer.param_groups)
-        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas, strict=True)]
-        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
-            group.update(lr=lr, initial_lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-        sched._last_lr = lrs  # what get_last_lr() reports until the next step
-
     def _check_resumed_lengths(self, state: dict) -> None:
         """New lengths (train.steps/epochs, stage lengths) may not move what already happened."""
         if self.step > self.total_steps:
@@ -615,16 +547,7 @@ class CurriculumTrainer:
     def _load_state(self, state: dict) -> None:
         check_compatible(self.model, state["model"], "model")
         self.model.load_state_dict(state["model"])
-        if self.ema is not None:
-            if state.get("ema") is None:
-                raise UserError("the checkpoint has no EMA weights but train.use_ema is true; "
-                                "resume with --set train.use_ema=false")
-            self.ema.load_state_dict(state["ema"], int(state.get("ema_num_updates", 0)))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self._apply_optimizer_config()
-        if state.get("scaler"):  # empty when saved without fp16 (a resume may switch train.amp)
-            self.scaler.load_state_dict(state["scaler"])
+        self.update_rule.load_state_dict(state)
         self.step = int(state["step"])
         self.skipped_steps = [int(s) for s in state.get("skipped_steps", [])]
         self.early_stop.load_state_dict(state.get("early_stop") or {})
