@@ -147,7 +147,7 @@ class CurriculumTrainer:
                               sink=tensorboard) \
             if dist.is_main() else MetricsLog(None, NUM_T_BINS, self.diffusion.timesteps, device)
         self._stop_requested = False
-        # Sample grids: images 0 … n−1 of generate.py --seed train.seed with the train.sample_steps sampler (fixed
+        # Sample grids: images 0 … n−1 of generate.py --seed train.seed with the run's sampler (sampler_spec; fixed
         # per-image noise streams, and fixed labels), so grids over training are comparable.
         self.grid_labels, self.grid_rows = grid_layout(t.num_samples, self.num_classes)
         self.grid_size = t.num_samples if self.grid_labels is None else len(self.grid_labels)
