@@ -26,6 +26,7 @@ from .sections import parse_json, parse_override_value, read_jsonl  # noqa: F401
 
 
 MAX_SEED = 2 ** 63 - 1  # torch.manual_seed takes 64-bit seeds
+TRAIN_SAMPLE_STEPS = 50  # TrainConfig.sample_steps's default (a sampler block may replace only the default)
 
 
 def _registry_names(module: str, name: str) -> list[str]:
@@ -169,7 +170,7 @@ class TrainConfig:
     chkpt_intv: int = opt(1, "Epochs between checkpoints (one is always written at the end and "
                           "on stop).", lo=0)
     keep_checkpoints: int = opt(3, "Keep this many newest checkpoints; 0 = keep all.", lo=0)
-    sample_steps: int = opt(50, "DDIM steps for sample grids and evaluation; 0 = full ancestral "
+    sample_steps: int = opt(TRAIN_SAMPLE_STEPS, "DDIM steps for sample grids and evaluation; 0 = full ancestral "
                             "sampling with T steps. The `sampler` block, when it names a sampler, replaces it.",
                             lo=0)
     loss_weighting: str = opt("none", "Per-timestep loss weight, any mode: `none`, `min_snr` (Min-SNR-γ, "
@@ -428,8 +429,7 @@ def _validate_sampler(cfg: Config) -> None:
         return  # no block: train.sample_steps decides, as before the block existed
     from .sampling.samplers import check_sampler_block  # the registry sits above this module
 
-    default = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "sample_steps")
-    check_sampler_block(cfg.sampler, cfg.train.sample_steps, default, cfg.diffusion.timesteps)
+    check_sampler_block(cfg.sampler, cfg.train.sample_steps, TRAIN_SAMPLE_STEPS, cfg.diffusion.timesteps)
 
 
 def _validate_conditioning(cfg: Config) -> None:

@@ -191,11 +191,11 @@ class CurriculumTrainer:
 
     @property
     def scheduler(self):
-        return getattr(self.update_rule, "scheduler", None)
+        return self.update_rule.scheduler
 
     @property
     def scaler(self):
-        return getattr(self.update_rule, "scaler", None)
+        return self.update_rule.scaler
 
     @property
     def stage(self):

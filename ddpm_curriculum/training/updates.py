@@ -106,6 +106,8 @@ class UpdateRule:
     name = "rule"
     trains_weights = False  # True: the weights get gradients, so several processes wrap the network in DDP
     optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    scaler: torch.amp.GradScaler | None = None
     ema: EMA | None = None
     extensions: list = []
 
